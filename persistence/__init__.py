@@ -1,0 +1,1 @@
+"""SQLite snapshots of the shards' aggregates."""

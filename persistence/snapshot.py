@@ -1,0 +1,136 @@
+"""Snapshots of customer-day aggregates in one SQLite file shared by all shards.
+
+Rows carry a stable hash of the customer id, so a shard can restore the customers it owns
+under any shard count (`customer_key % shards == index`). The file is in WAL mode so shards
+can write their snapshots without blocking each other's readers.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlite_utils
+
+from sketches import SKETCH_KIND, DayAggregate
+from statsd_server.errors import SnapshotError
+from statsd_server.routing import customer_key
+
+DB_FILENAME = "stats.db"
+_BUSY_TIMEOUT_MS = 30_000
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRow:
+    """One customer-day as stored."""
+
+    customer_id: str
+    day: int
+    total: int
+    successful: int
+    client_errors: int
+    server_errors: int
+    duration_sum: float
+    sketch_kind: str
+    sketch: bytes
+
+    @classmethod
+    def from_aggregate(cls, customer_id: str, day: int, agg: DayAggregate) -> SnapshotRow:
+        return cls(
+            customer_id,
+            day,
+            agg.total,
+            agg.successful,
+            agg.client_errors,
+            agg.server_errors,
+            agg.duration_sum,
+            SKETCH_KIND,
+            agg.sketch_bytes(),
+        )
+
+    def aggregate(self) -> DayAggregate:
+        return DayAggregate.restore(
+            self.total,
+            self.successful,
+            self.client_errors,
+            self.server_errors,
+            self.duration_sum,
+            self.sketch,
+            self.sketch_kind,
+        )
+
+
+_COLUMNS = {
+    "customer_id": str,
+    "day": int,
+    "customer_key": int,
+    "total": int,
+    "successful": int,
+    "client_errors": int,
+    "server_errors": int,
+    "duration_sum": float,
+    "sketch_kind": str,
+    "sketch": bytes,
+}
+
+
+class SnapshotDB:
+    """One process's connection to the snapshot file; use it from a single thread."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / DB_FILENAME
+        try:
+            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000)
+            self.db = sqlite_utils.Database(conn)
+            self.db.enable_wal()
+            self.db["days"].create(_COLUMNS, pk=("customer_id", "day"), if_not_exists=True)
+            self.db["meta"].create({"key": str, "value": int}, pk="key", if_not_exists=True)
+        except sqlite3.DatabaseError as exc:
+            raise SnapshotError(f"cannot open snapshot database {self.path}: {exc}") from exc
+
+    def write(self, rows: list[SnapshotRow], cutoff_day: int, newest_day: int) -> None:
+        """Upsert changed rows, drop days older than the cutoff, in one transaction."""
+        with self.db.atomic():
+            self.db.conn.executemany(
+                "INSERT OR REPLACE INTO days (customer_id, day, customer_key, total, successful,"
+                " client_errors, server_errors, duration_sum, sketch_kind, sketch)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.customer_id,
+                        r.day,
+                        customer_key(r.customer_id),
+                        r.total,
+                        r.successful,
+                        r.client_errors,
+                        r.server_errors,
+                        r.duration_sum,
+                        r.sketch_kind,
+                        r.sketch,
+                    )
+                    for r in rows
+                ],
+            )
+            self.db["days"].delete_where("day < ?", [cutoff_day])
+            self.db.execute(
+                "INSERT INTO meta (key, value) VALUES ('newest_day', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+                [newest_day],
+            )
+
+    def load(self, shard: int, shards: int) -> tuple[list[SnapshotRow], int | None]:
+        """The rows a shard owns under `shards` shards, and the newest day ever stored."""
+        rows = [
+            SnapshotRow(*r)
+            for r in self.db.execute(
+                "SELECT customer_id, day, total, successful, client_errors, server_errors,"
+                " duration_sum, sketch_kind, sketch FROM days WHERE customer_key % ? = ?",
+                [shards, shard],
+            ).fetchall()
+        ]
+        meta = self.db.execute("SELECT value FROM meta WHERE key = 'newest_day'").fetchone()
+        return rows, (meta[0] if meta else None)
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,5 @@
+"""The per-customer-day aggregate: exact counters plus a latency sketch."""
+
+from sketches.aggregate import SKETCH_KIND, DayAggregate, LatencyStats, merge_all
+
+__all__ = ["SKETCH_KIND", "DayAggregate", "LatencyStats", "merge_all"]

@@ -1,0 +1,3 @@
+from statsd_server.cli import main
+
+main()

@@ -1,0 +1,159 @@
+"""Settings: built once at the entry point from env vars, `.env` and CLI flags.
+
+This is the only module that reads the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
+
+from statsd_server.errors import ConfigError
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be a non-negative integer")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number 0-65535")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _kll_k(raw: str) -> int:
+    value = int(raw)
+    if not 8 <= value <= 65535:
+        raise ValueError("must be an integer 8-65535 (DataSketches' KLL range)")
+    return value
+
+
+def _host(raw: str) -> str:
+    if raw != "localhost":
+        try:
+            ipaddress.ip_address(raw)
+        except ValueError:
+            raise ValueError("must be an IP address or 'localhost'") from None
+    return raw
+
+
+def _log_level(raw: str) -> str:
+    value = raw.lower()
+    if value not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return value
+
+
+def _path(raw: str) -> Path:
+    if not raw:
+        raise ValueError("must not be empty")
+    return Path(raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of a server; field docs double as the README's settings table."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    tcp_port: int = 9000
+    shards: int = os.cpu_count() or 1
+    data_dir: Path = Path("./data")
+    snapshot_interval: float = 5.0
+    retention_days: int = 30
+    kll_k: int = 200
+    log_level: str = "info"
+
+    @classmethod
+    def load(
+        cls,
+        overrides: Mapping[str, str | None] | None = None,
+        environ: Mapping[str, str] | None = None,
+        env_file: Path | None = Path(".env"),
+    ) -> Settings:
+        """Settings from CLI overrides, then the environment, then `.env`, then defaults.
+
+        `overrides` maps env var names (`STATS_SHARDS`) to flag values; None means unset.
+        """
+        sources: dict[str, str] = {}
+        if env_file is not None and env_file.is_file():
+            sources.update({k: v for k, v in dotenv_values(env_file).items() if v is not None})
+        sources.update(os.environ if environ is None else environ)
+        sources.update({k: v for k, v in (overrides or {}).items() if v is not None})
+
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = env_name(f.name)
+            if name not in sources:
+                continue
+            raw = sources[name].strip()
+            try:
+                values[f.name] = _PARSERS[f.name](raw)
+            except ValueError as exc:
+                reason = str(exc) if "must" in str(exc) else _EXPECTED[f.name]
+                raise ConfigError(f"{name}={raw!r} is invalid: {reason}") from None
+        return cls(**values)
+
+
+def env_name(field_name: str) -> str:
+    return "STATS_" + field_name.upper()
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "host": _host,
+    "http_port": _port,
+    "tcp_port": _port,
+    "shards": _positive_int,
+    "data_dir": _path,
+    "snapshot_interval": _positive_float,
+    "retention_days": _non_negative_int,
+    "kll_k": _kll_k,
+    "log_level": _log_level,
+}
+
+_EXPECTED = {
+    "http_port": "must be a port number 0-65535",
+    "tcp_port": "must be a port number 0-65535",
+    "shards": "must be a positive integer",
+    "snapshot_interval": "must be a positive number of seconds",
+    "retention_days": "must be a non-negative integer",
+    "kll_k": "must be an integer 8-65535 (DataSketches' KLL range)",
+}
+
+SETTING_HELP = {
+    "host": "Address to listen on (HTTP and TCP).",
+    "http_port": "HTTP port (stats queries, POST /ingest).",
+    "tcp_port": "TCP port for newline-delimited log lines.",
+    "shards": "Shard processes (default: CPU count).",
+    "data_dir": "Directory of the SQLite snapshot file.",
+    "snapshot_interval": "Seconds between snapshots of changed aggregates.",
+    "retention_days": "Days kept behind the newest day seen.",
+    "kll_k": "KLL sketch size k (accuracy vs memory).",
+    "log_level": "debug, info, warning or error.",
+}

@@ -1,0 +1,23 @@
+"""The exceptions entry points turn into exit codes or HTTP responses."""
+
+from __future__ import annotations
+
+
+class StatsServerError(Exception):
+    """Base class for errors with a message meant for the user."""
+
+
+class ConfigError(StatsServerError):
+    """An invalid setting; the message names the variable."""
+
+
+class SnapshotError(StatsServerError):
+    """The snapshot database cannot be opened, read or written."""
+
+
+class ShardUnavailable(StatsServerError):
+    """A shard process did not answer."""
+
+    def __init__(self, shard: int, reason: str) -> None:
+        super().__init__(f"shard {shard} is unavailable: {reason}")
+        self.shard = shard

@@ -1,0 +1,221 @@
+"""The HTTP front: routes stats queries to the owning shard and POSTed lines to the owners."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import re
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import msgspec
+import uvloop
+from aiohttp import web
+
+from sketches import LatencyStats
+from statsd_server import logs
+from statsd_server.config import Settings
+from statsd_server.errors import ShardUnavailable
+from statsd_server.ingest import Dispatcher, IngestSession
+from statsd_server.line_rules import customer_id_problem
+from statsd_server.messages import Codec, IngestSummary, Ping, StatsQuery, StatsReply
+from statsd_server.newest_day import NewestDay
+from statsd_server.routing import Router
+from statsd_server.rpc import ShardClient, socket_path
+from statsd_server.store import date_to_day
+
+log = logging.getLogger(__name__)
+
+QUERY_TIMEOUT = 10.0
+PING_TIMEOUT = 2.0
+INGEST_CONTENT_TYPES = ("text/plain", "application/x-ndjson", "application/octet-stream")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+SETTINGS = web.AppKey("settings", Settings)
+CLIENTS = web.AppKey("clients", list[ShardClient])
+ROUTER = web.AppKey("router", Router)
+NEWEST_DAY = web.AppKey("newest_day", NewestDay)
+
+
+class StatsResponse(msgspec.Struct):
+    customer_id: str
+    from_: str = msgspec.field(name="from")
+    to: str | None = None
+    days: list[LatencyStats] = msgspec.field(default_factory=list)
+    summary: LatencyStats | None = None
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.Response(
+        body=msgspec.json.encode(data), status=status, content_type="application/json"
+    )
+
+
+def _error(status: int, message: str, **extra: object) -> web.Response:
+    return _json({"error": message, **extra}, status)
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _parse_date(params: dict[str, str] | object, name: str, required: bool) -> dt.date | None:
+    assert hasattr(params, "get")
+    raw = params.get(name)
+    if raw is None or raw == "":
+        if required:
+            raise BadRequest(f"missing required query parameter '{name}' (YYYY-MM-DD)")
+        return None
+    if not _DATE.fullmatch(raw):
+        raise BadRequest(f"invalid '{name}': expected a date as YYYY-MM-DD, got {raw[:64]!r}")
+    try:
+        return dt.date.fromisoformat(raw)
+    except ValueError:
+        raise BadRequest(f"invalid '{name}': {raw!r} is not a calendar date") from None
+
+
+async def stats(request: web.Request) -> web.Response:
+    """GET /customers/{customer_id}/stats?from=YYYY-MM-DD[&to=YYYY-MM-DD]"""
+    customer_id = request.match_info["customer_id"]
+    problem = customer_id_problem(customer_id)
+    if problem is not None:
+        return _error(400, f"invalid customer id: {problem}")
+    try:
+        first = _parse_date(request.query, "from", required=True)
+        last = _parse_date(request.query, "to", required=False)
+    except BadRequest as exc:
+        return _error(400, str(exc))
+    assert first is not None
+    if last is not None and last < first:
+        return _error(400, f"'to' ({last}) is before 'from' ({first})")
+
+    app = request.app
+    shard = app[ROUTER].shard_of(customer_id)
+    query = StatsQuery(customer_id, date_to_day(first), None if last is None else date_to_day(last))
+    try:
+        reply = await app[CLIENTS][shard].request(query, QUERY_TIMEOUT)
+    except ShardUnavailable as exc:
+        return _error(503, str(exc))
+    assert isinstance(reply, StatsReply), reply
+    if not reply.known:
+        return _error(404, f"unknown customer {customer_id!r} (never seen, or its data expired)")
+    return _json(
+        StatsResponse(
+            customer_id=customer_id,
+            from_=first.isoformat(),
+            to=None if last is None else last.isoformat(),
+            days=reply.days,
+            summary=reply.summary,
+        )
+    )
+
+
+async def ingest(request: web.Request) -> web.Response:
+    """POST /ingest: a body of text or JSON lines; answers with the ingest summary."""
+    if request.content_type not in INGEST_CONTENT_TYPES:
+        return _error(
+            415,
+            f"unsupported Content-Type {request.content_type!r}; send lines as "
+            + " or ".join(INGEST_CONTENT_TYPES),
+        )
+    app = request.app
+    session = IngestSession(
+        app[ROUTER], Dispatcher(app[CLIENTS]), app[NEWEST_DAY], app[SETTINGS].retention_days
+    )
+    try:
+        async for data in request.content.iter_chunked(1024 * 1024):
+            await session.feed(data)
+        summary: IngestSummary = await session.finish()
+    except ShardUnavailable as exc:
+        await session.abort()
+        return _error(503, str(exc))
+    return _json(summary)
+
+
+async def health(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """200 when every shard answers a ping, else 503 naming the missing shards."""
+    clients = request.app[CLIENTS]
+    results = await asyncio.gather(
+        *(c.request(Ping(), PING_TIMEOUT) for c in clients), return_exceptions=True
+    )
+    missing = [c.shard for c, r in zip(clients, results, strict=True) if isinstance(r, BaseException)]
+    if missing:
+        names = ", ".join(str(s) for s in missing)
+        return _error(503, f"shards not answering: {names}", missing_shards=missing)
+    return _json({"status": "ready", "shards": len(clients)})
+
+
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Answer routing and protocol errors (404, 405, 413, ...) as JSON too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.reason.lower(), path=request.path[:256])
+
+
+def create_app(settings: Settings, runtime_dir: Path, slot: int | None = None) -> web.Application:
+    """The front's application; shard connections open and close with the app."""
+    app = web.Application(middlewares=[json_errors])
+    app[SETTINGS] = settings
+    app[ROUTER] = Router(settings.shards)
+    app[NEWEST_DAY] = NewestDay(runtime_dir / "newest_day", settings.shards if slot is None else slot)
+
+    async def shard_clients(app: web.Application) -> AsyncIterator[None]:
+        codec = Codec()
+        app[CLIENTS] = [
+            ShardClient(i, socket_path(runtime_dir, i), codec) for i in range(settings.shards)
+        ]
+        yield
+        for client in app[CLIENTS]:
+            await client.close()
+
+    app.cleanup_ctx.append(shard_clients)
+    app.router.add_get("/customers/{customer_id:.+}/stats", stats)
+    app.router.add_post("/ingest", ingest)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    return app
+
+
+def run(settings: Settings, http_sock: socket.socket, runtime_dir: Path, parent: Connection) -> None:
+    """Process entry point (spawned by the supervisor)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logs.configure(settings.log_level, "front")
+    uvloop.run(_serve(settings, http_sock, runtime_dir, parent))
+
+
+async def _serve(
+    settings: Settings, http_sock: socket.socket, runtime_dir: Path, parent: Connection
+) -> None:
+    runner = web.AppRunner(create_app(settings, runtime_dir), access_log=None)
+    await runner.setup()
+    await web.SockSite(runner, http_sock).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+
+    def parent_message() -> None:
+        try:
+            parent.recv()
+        except (EOFError, OSError):
+            loop.remove_reader(parent.fileno())
+            stop.set()
+
+    loop.add_reader(parent.fileno(), parent_message)
+    parent.send(("ready", None))
+    await stop.wait()
+    loop.remove_reader(parent.fileno())
+    await runner.cleanup()

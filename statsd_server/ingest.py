@@ -1,0 +1,118 @@
+"""The ingest pipeline shared by TCP connections and HTTP POSTs.
+
+bytes -> whole-line chunks -> parsed columns -> time rules -> split by owning shard ->
+applied by the owners (in-process for the local shard, over a Unix socket otherwise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from statsd_server.framing import LineFramer
+from statsd_server.messages import Applied, ApplyBatch, IngestSummary
+from statsd_server.newest_day import NO_DAY, NewestDay
+from statsd_server.parse import ParsedChunk, apply_time_rules, parse_chunk
+from statsd_server.routing import Router
+from statsd_server.rpc import ShardClient
+from statsd_server.store import ShardStore
+
+APPLY_TIMEOUT = 120.0
+# Batches of one session in flight to the shards; past this, the session stops reading.
+MAX_IN_FLIGHT = 8
+
+
+class Dispatcher:
+    """Delivers per-shard batches to their owners: locally if this process owns one."""
+
+    def __init__(
+        self, clients: list[ShardClient], local: tuple[int, ShardStore] | None = None
+    ) -> None:
+        self._clients = clients
+        self._local = local
+
+    async def apply(self, shard: int, part: ParsedChunk, newest_day: int) -> Applied:
+        if self._local is not None and self._local[0] == shard:
+            return self._local[1].apply(
+                part.customers, part.customer, part.day, part.status, part.duration, newest_day
+            )
+        reply = await self._clients[shard].request(ApplyBatch.from_chunk(part), APPLY_TIMEOUT)
+        assert isinstance(reply, Applied), reply
+        return reply
+
+
+class IngestSession:
+    """One stream of lines (a TCP connection or a POST body) and its running summary."""
+
+    def __init__(
+        self,
+        router: Router,
+        dispatcher: Dispatcher,
+        newest_day: NewestDay,
+        retention_days: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._router = router
+        self._dispatcher = dispatcher
+        self._newest_day = newest_day
+        self._retention_days = retention_days
+        self._clock = clock
+        self._framer = LineFramer()
+        self._accepted = 0
+        self._rejected: Counter[str] = Counter()
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._errors: list[BaseException] = []
+
+    async def feed(self, data: bytes) -> None:
+        """Take more bytes; complete lines are parsed and sent on."""
+        chunk = self._framer.feed(data)
+        if chunk:
+            await self._process(chunk)
+
+    async def finish(self) -> IngestSummary:
+        """Apply everything received and return the summary; raises if a shard failed."""
+        rest = self._framer.finish()
+        if rest:
+            await self._process(rest)
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight)
+        if self._errors:
+            raise self._errors[0]
+        if self._framer.too_long:
+            self._rejected["too_long"] += self._framer.too_long
+        rejected = {reason: n for reason, n in sorted(self._rejected.items()) if n}
+        return IngestSummary(self._accepted, sum(rejected.values()), rejected)
+
+    async def abort(self) -> None:
+        """Stop without a summary, waiting for batches already sent."""
+        if self._in_flight:
+            await asyncio.gather(*self._in_flight, return_exceptions=True)
+
+    async def _process(self, data: bytes) -> None:
+        if self._errors:
+            raise self._errors[0]
+        parsed = parse_chunk(data)
+        newest = self._newest_day.get()
+        parsed, newest = apply_time_rules(parsed, self._clock(), newest, self._retention_days)
+        if newest != NO_DAY:
+            self._newest_day.publish(newest)
+        self._rejected.update(parsed.rejected)
+        for shard, part in self._router.split(parsed).items():
+            await self._slots.acquire()
+            task = asyncio.create_task(self._send(shard, part, newest))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _send(self, shard: int, part: ParsedChunk, newest_day: int) -> None:
+        try:
+            applied = await self._dispatcher.apply(shard, part, newest_day)
+            self._accepted += applied.applied
+            if applied.expired:
+                self._rejected["expired"] += applied.expired
+        except Exception as exc:  # reported by finish(); the session stops taking data
+            self._errors.append(exc)
+        finally:
+            self._slots.release()

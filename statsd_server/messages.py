@@ -1,0 +1,149 @@
+"""Inter-process messages: msgspec Structs sent as length-prefixed msgpack frames.
+
+Columns travel as raw little-endian array bytes; sketches never leave their shard.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+import numpy as np
+
+from sketches import LatencyStats
+from statsd_server.parse import ParsedChunk
+
+FRAME_HEADER = struct.Struct(">I")
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+
+
+class ApplyBatch(msgspec.Struct, tag="apply", array_like=True):
+    """Requests for customers the receiving shard owns."""
+
+    customers: list[str]
+    customer: bytes  # int32
+    day: bytes  # int32
+    status: bytes  # int16
+    duration: bytes  # float64
+
+    @classmethod
+    def from_chunk(cls, chunk: ParsedChunk) -> ApplyBatch:
+        return cls(
+            customers=chunk.customers,
+            customer=chunk.customer.astype("<i4").tobytes(),
+            day=chunk.day.astype("<i4").tobytes(),
+            status=chunk.status.astype("<i2").tobytes(),
+            duration=chunk.duration.astype("<f8").tobytes(),
+        )
+
+    def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return (
+            np.frombuffer(self.customer, "<i4"),
+            np.frombuffer(self.day, "<i4"),
+            np.frombuffer(self.status, "<i2"),
+            np.frombuffer(self.duration, "<f8"),
+        )
+
+
+class Applied(msgspec.Struct, tag="applied", array_like=True):
+    """How many requests of a batch were applied, and how many had expired meanwhile."""
+
+    applied: int
+    expired: int
+
+
+class StatsQuery(msgspec.Struct, tag="stats", array_like=True):
+    customer_id: str
+    first_day: int
+    last_day: int | None
+
+
+class StatsReply(msgspec.Struct, tag="stats_reply", array_like=True):
+    known: bool
+    days: list[LatencyStats]
+    summary: LatencyStats | None
+
+
+class Ping(msgspec.Struct, tag="ping", array_like=True):
+    pass
+
+
+class Pong(msgspec.Struct, tag="pong", array_like=True):
+    shard: int
+    customers: int
+    customer_days: int
+
+
+class Drain(msgspec.Struct, tag="drain", array_like=True):
+    """Stop accepting ingest connections and wait for the open ones to finish."""
+
+
+class Drained(msgspec.Struct, tag="drained", array_like=True):
+    pass
+
+
+class Shutdown(msgspec.Struct, tag="shutdown", array_like=True):
+    """Write the final snapshot and exit."""
+
+
+class ShutdownDone(msgspec.Struct, tag="shutdown_done", array_like=True):
+    pass
+
+
+class ErrorReply(msgspec.Struct, tag="error", array_like=True):
+    message: str
+
+
+Body = (
+    ApplyBatch
+    | Applied
+    | StatsQuery
+    | StatsReply
+    | Ping
+    | Pong
+    | Drain
+    | Drained
+    | Shutdown
+    | ShutdownDone
+    | ErrorReply
+)
+
+
+class Envelope(msgspec.Struct, array_like=True):
+    """A request or its reply; replies carry the request's id."""
+
+    id: int
+    body: Body
+
+
+class Codec:
+    """Frame encoder and decoder, built once per process."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(Envelope)
+
+    def frame(self, envelope: Envelope) -> bytes:
+        payload = self._encoder.encode(envelope)
+        return FRAME_HEADER.pack(len(payload)) + payload
+
+    def decode(self, payload: bytes) -> Envelope:
+        return self._decoder.decode(payload)
+
+
+class IngestSummary(msgspec.Struct):
+    """The one-line answer to an ingest connection or POST."""
+
+    accepted: int = 0
+    rejected: int = 0
+    rejected_by_reason: dict[str, int] = msgspec.field(default_factory=dict)
+
+    def __add__(self, other: IngestSummary) -> IngestSummary:
+        reasons = dict(self.rejected_by_reason)
+        for reason, count in other.rejected_by_reason.items():
+            reasons[reason] = reasons.get(reason, 0) + count
+        return IngestSummary(
+            self.accepted + other.accepted,
+            self.rejected + other.rejected,
+            dict(sorted(reasons.items())),
+        )

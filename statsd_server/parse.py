@@ -1,0 +1,366 @@
+"""Parse chunks of log lines into columnar batches, vectorised with numpy.
+
+A chunk is whole lines. Most lines have the generator's shape (six printable ASCII fields);
+those are validated and converted column-wise without a Python object per line. Any line the
+vectorised checks cannot prove valid goes through the exact grammar in `line_rules`, which
+either accepts it or names the reason it is rejected, so both paths agree by construction.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from statsd_server.newest_day import NO_DAY
+from statsd_server.line_rules import (
+    MAX_CUSTOMER_ID_BYTES,
+    MAX_LINE_BYTES,
+    SECONDS_PER_DAY,
+    Request,
+    parse_line,
+)
+
+_SPACE, _TAB, _NL, _CR = 32, 9, 10, 13
+_DIGIT0, _DOT, _DASH, _COLON, _SLASH, _BRACE = 48, 46, 45, 58, 47, 123
+# Widths the fast path handles; longer time or duration tokens take the exact path.
+_TIME_WIDTH = 24
+_DURATION_WIDTH = 16
+_MAX_EXACT_DIGITS = 15  # integers below 10**15 are exact in float64
+_DAYS_IN_MONTH = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], dtype=np.int64)
+_POW10 = 10.0 ** np.arange(_DURATION_WIDTH + 1)
+
+
+@dataclass(slots=True)
+class ParsedChunk:
+    """Accepted requests as columns, plus rejected-line counts by reason."""
+
+    customers: list[str]  # distinct customer ids; `customer` indexes into this list
+    customer: np.ndarray  # int32 per request
+    day: np.ndarray  # int32 days since 1970-01-01 (UTC)
+    second: np.ndarray  # int64 seconds since the epoch (UTC)
+    status: np.ndarray  # int16
+    duration: np.ndarray  # float64 seconds
+    rejected: Counter[str] = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.customer)
+
+    def take(self, mask_or_index: np.ndarray) -> ParsedChunk:
+        """The requests selected by a mask or index array, customer list compacted."""
+        customer = self.customer[mask_or_index]
+        used, remapped = np.unique(customer, return_inverse=True)
+        return ParsedChunk(
+            customers=[self.customers[i] for i in used.tolist()],
+            customer=remapped.astype(np.int32),
+            day=self.day[mask_or_index],
+            second=self.second[mask_or_index],
+            status=self.status[mask_or_index],
+            duration=self.duration[mask_or_index],
+        )
+
+
+def empty_chunk() -> ParsedChunk:
+    return ParsedChunk(
+        customers=[],
+        customer=np.zeros(0, np.int32),
+        day=np.zeros(0, np.int32),
+        second=np.zeros(0, np.int64),
+        status=np.zeros(0, np.int16),
+        duration=np.zeros(0, np.float64),
+    )
+
+
+def parse_chunk(data: bytes) -> ParsedChunk:
+    """Parse whole lines (`data` ends with a newline, or is empty)."""
+    if not data:
+        return empty_chunk()
+    if data[-1] != _NL:
+        data += b"\n"
+    buf = np.frombuffer(data, dtype=np.uint8)
+    line_end = np.flatnonzero(buf == _NL)
+    line_start = np.empty_like(line_end)
+    line_start[0] = 0
+    line_start[1:] = line_end[:-1] + 1
+
+    # A single trailing \r belongs to the line terminator.
+    has_cr = np.zeros(len(line_end), dtype=bool)
+    nonempty = line_end > line_start
+    has_cr[nonempty] = buf[line_end[nonempty] - 1] == _CR
+    content_end = line_end - has_cr
+
+    # Byte classes: separators (space, tab, newline, the terminating \r) and bytes that force
+    # the exact path (control characters and anything non-ASCII).
+    sep = (buf == _SPACE) | (buf == _TAB) | (buf == _NL)
+    sep[line_end[has_cr] - 1] = True
+    unusual = (buf < _SPACE) | (buf > 126)
+    unusual &= ~sep
+
+    nonsep = ~sep
+    edges = np.diff(nonsep.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    tok_start = np.flatnonzero(edges == 1)
+    tok_end = np.flatnonzero(edges == -1)
+    # A token's line is the first line that ends after the token starts.
+    tok_line = np.searchsorted(line_end, tok_start)
+    tokens_per_line = np.bincount(tok_line, minlength=len(line_end))
+    first_token = np.cumsum(tokens_per_line) - tokens_per_line
+
+    line_unusual = np.logical_or.reduceat(unusual, line_start)
+    too_long = (content_end - line_start) > MAX_LINE_BYTES
+    blank = tokens_per_line == 0
+    candidate = (tokens_per_line == 6) & ~line_unusual & ~too_long
+    cand_lines = np.flatnonzero(candidate)
+    # JSON lines start with '{' and always take the exact path.
+    first_byte = buf[tok_start[first_token[cand_lines]]]
+    cand_lines = cand_lines[first_byte != _BRACE]
+
+    fast = _parse_fast(buf, tok_start, tok_end, first_token[cand_lines])
+    fast_lines = cand_lines[fast.ok]
+
+    slow_mask = ~blank
+    slow_mask[fast_lines] = False
+    rejected: Counter[str] = Counter()
+    n_too_long = int(np.count_nonzero(too_long & slow_mask))
+    if n_too_long:
+        rejected["too_long"] = n_too_long
+    slow_mask &= ~too_long
+    slow_requests: list[Request] = []
+    for start, end in zip(
+        line_start[slow_mask].tolist(), content_end[slow_mask].tolist(), strict=True
+    ):
+        result = parse_line(data[start:end])
+        if result is None:
+            continue
+        if isinstance(result, str):
+            rejected[result] += 1
+        else:
+            slow_requests.append(result)
+
+    chunk = _fast_columns(data, fast, fast_lines, line_start, tok_start, tok_end, first_token)
+    if slow_requests:
+        chunk = _append_requests(chunk, slow_requests)
+    chunk.rejected = rejected
+    return chunk
+
+
+@dataclass(slots=True)
+class _FastFields:
+    ok: np.ndarray  # per candidate line: proven valid
+    day: np.ndarray
+    second: np.ndarray
+    status: np.ndarray
+    duration: np.ndarray
+
+
+def _gather(
+    buf: np.ndarray, start: np.ndarray, length: np.ndarray, width: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """A (lines, width) byte matrix of each token, zero past its end, and the in-token mask."""
+    cols = np.arange(width)
+    idx = np.minimum(start[:, None] + cols, len(buf) - 1)
+    inside = cols < length[:, None]
+    return np.where(inside, buf[idx], 0), inside
+
+
+def _digits(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d = m.astype(np.int64) - _DIGIT0
+    return d, (d >= 0) & (d <= 9)
+
+
+def _parse_fast(
+    buf: np.ndarray, tok_start: np.ndarray, tok_end: np.ndarray, first: np.ndarray
+) -> _FastFields:
+    """Validate and convert the six fields of candidate lines column-wise."""
+    t = first[:, None] + np.arange(6)
+    starts, ends = tok_start[t], tok_end[t]
+    lens = ends - starts
+    n = len(first)
+
+    # DATE: YYYY-MM-DD, a real calendar date.
+    m, _ = _gather(buf, starts[:, 0], lens[:, 0], 10)
+    d, isdig = _digits(m)
+    digit_cols = [0, 1, 2, 3, 5, 6, 8, 9]
+    ok = (lens[:, 0] == 10) & (m[:, 4] == _DASH) & (m[:, 7] == _DASH)
+    ok &= isdig[:, digit_cols].all(axis=1)
+    year = d[:, 0] * 1000 + d[:, 1] * 100 + d[:, 2] * 10 + d[:, 3]
+    month = d[:, 5] * 10 + d[:, 6]
+    dom = d[:, 8] * 10 + d[:, 9]
+    month_ok = (month >= 1) & (month <= 12)
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    dim = _DAYS_IN_MONTH[np.where(month_ok, month, 1)] + ((month == 2) & leap)
+    ok &= (year >= 1) & month_ok & (dom >= 1) & (dom <= dim)
+    day = _days_from_civil(year, np.where(month_ok, month, 1), dom)
+
+    # TIME: HH:MM:SS with an optional .fraction of at least one digit.
+    tlen = lens[:, 1]
+    m, inside = _gather(buf, starts[:, 1], np.minimum(tlen, _TIME_WIDTH), _TIME_WIDTH)
+    d, isdig = _digits(m)
+    ok &= (tlen == 8) | ((tlen >= 10) & (tlen <= _TIME_WIDTH) & (m[:, 8] == _DOT))
+    ok &= (m[:, 2] == _COLON) & (m[:, 5] == _COLON) & isdig[:, [0, 1, 3, 4, 6, 7]].all(axis=1)
+    frac_cols = inside.copy()
+    frac_cols[:, :9] = False
+    ok &= ~(frac_cols & ~isdig).any(axis=1)
+    hour = d[:, 0] * 10 + d[:, 1]
+    minute = d[:, 3] * 10 + d[:, 4]
+    sec = d[:, 6] * 10 + d[:, 7]
+    ok &= (hour <= 23) & (minute <= 59) & (sec <= 59)
+    second = day * SECONDS_PER_DAY + hour * 3600 + minute * 60 + sec
+
+    # CUSTOMER_ID: printable ASCII without spaces is guaranteed here; only the length is left.
+    ok &= lens[:, 2] <= MAX_CUSTOMER_ID_BYTES
+
+    # REQUEST_PATH starts with '/'.
+    ok &= buf[starts[:, 3]] == _SLASH
+
+    # STATUS_CODE: three digits, 100-599.
+    m, _ = _gather(buf, starts[:, 4], lens[:, 4], 3)
+    d, isdig = _digits(m)
+    status = d[:, 0] * 100 + d[:, 1] * 10 + d[:, 2]
+    ok &= (lens[:, 4] == 3) & isdig.all(axis=1) & (status >= 100) & (status <= 599)
+
+    # DURATION: [0-9]+(\.[0-9]+)? with at most 15 digits, so N / 10**f is correctly rounded.
+    dlen = lens[:, 5]
+    m, inside = _gather(buf, starts[:, 5], np.minimum(dlen, _DURATION_WIDTH), _DURATION_WIDTH)
+    d, isdig = _digits(m)
+    isdig &= inside
+    isdot = (m == _DOT) & inside
+    ndots = isdot.sum(axis=1)
+    ok &= (dlen <= _DURATION_WIDTH) & ((isdig | isdot) == inside).all(axis=1) & (ndots <= 1)
+    dot_pos = np.where(ndots == 1, isdot.argmax(axis=1), dlen)
+    ok &= (dot_pos > 0) & (dot_pos < dlen - (ndots == 1))
+    ndigits = isdig.sum(axis=1)
+    ok &= ndigits <= _MAX_EXACT_DIGITS
+    mantissa = np.zeros(n, dtype=np.int64)
+    for col in range(_DURATION_WIDTH):
+        use = isdig[:, col]
+        mantissa = np.where(use, mantissa * 10 + d[:, col], mantissa)
+    frac_digits = np.where(ndots == 1, dlen - dot_pos - 1, 0)
+    duration = mantissa / _POW10[np.clip(frac_digits, 0, _DURATION_WIDTH)]
+
+    return _FastFields(ok=ok, day=day, second=second, status=status, duration=duration)
+
+
+def _days_from_civil(year: np.ndarray, month: np.ndarray, dom: np.ndarray) -> np.ndarray:
+    """Days since 1970-01-01 of proleptic Gregorian dates (H. Hinnant's algorithm)."""
+    y = year - (month <= 2)
+    era = y // 400
+    yoe = y - era * 400
+    mp = (month + 9) % 12
+    doy = (153 * mp + 2) // 5 + dom - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+_HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _fast_columns(
+    data: bytes,
+    fast: _FastFields,
+    fast_lines: np.ndarray,
+    line_start: np.ndarray,
+    tok_start: np.ndarray,
+    tok_end: np.ndarray,
+    first_token: np.ndarray,
+) -> ParsedChunk:
+    """Columns for the lines the fast path accepted, with customers made distinct."""
+    ok = fast.ok
+    n = len(fast_lines)
+    if n == 0:
+        return empty_chunk()
+    cust_tok = first_token[fast_lines] + 2
+    c_start = tok_start[cust_tok]
+    c_len = tok_end[cust_tok] - c_start
+    customers, customer = _distinct_customers(data, c_start, c_len)
+    return ParsedChunk(
+        customers=customers,
+        customer=customer,
+        day=fast.day[ok].astype(np.int32),
+        second=fast.second[ok].astype(np.int64),
+        status=fast.status[ok].astype(np.int16),
+        duration=fast.duration[ok].astype(np.float64),
+    )
+
+
+def _distinct_customers(
+    data: bytes, start: np.ndarray, length: np.ndarray
+) -> tuple[list[str], np.ndarray]:
+    """Distinct customer ids and each line's index into them.
+
+    Ids are grouped by a 64-bit hash of their bytes, then every line is compared byte for
+    byte with its group's representative, so a hash collision can never merge two customers.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8)
+    width = int(-(-int(length.max()) // 8) * 8)
+    m, _ = _gather(buf, start, length, width)
+    m = np.ascontiguousarray(m.astype(np.uint8))
+    words = m.view(np.uint64)
+    h = length.astype(np.uint64) * _HASH_MULT
+    for col in range(words.shape[1]):
+        h = (h ^ words[:, col]) * _HASH_MULT
+        h ^= h >> np.uint64(29)
+    _, first, inverse = np.unique(h, return_index=True, return_inverse=True)
+    rep = first[inverse]
+    if not ((words == words[rep]).all() and (length == length[rep]).all()):
+        # A collision: fall back to exact grouping on the raw bytes.
+        keyed = np.concatenate([m, length.astype(np.uint8)[:, None]], axis=1)
+        keys = np.ascontiguousarray(keyed).view(np.dtype((np.void, keyed.shape[1]))).ravel()
+        _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    customers = [
+        data[s : s + ln].decode("ascii")
+        for s, ln in zip(start[first].tolist(), length[first].tolist(), strict=True)
+    ]
+    return customers, inverse.astype(np.int32).ravel()
+
+
+def _append_requests(chunk: ParsedChunk, requests: list[Request]) -> ParsedChunk:
+    index = {c: i for i, c in enumerate(chunk.customers)}
+    customers = list(chunk.customers)
+    extra = np.empty(len(requests), dtype=np.int32)
+    for i, r in enumerate(requests):
+        j = index.get(r.customer_id)
+        if j is None:
+            j = index[r.customer_id] = len(customers)
+            customers.append(r.customer_id)
+        extra[i] = j
+    return ParsedChunk(
+        customers=customers,
+        customer=np.concatenate([chunk.customer, extra]),
+        day=np.concatenate([chunk.day, np.array([r.day for r in requests], np.int32)]),
+        second=np.concatenate([chunk.second, np.array([r.second for r in requests], np.int64)]),
+        status=np.concatenate([chunk.status, np.array([r.status for r in requests], np.int16)]),
+        duration=np.concatenate(
+            [chunk.duration, np.array([r.duration for r in requests], np.float64)]
+        ),
+    )
+
+
+def apply_time_rules(
+    chunk: ParsedChunk, now: float, newest_day: int, retention_days: int
+) -> tuple[ParsedChunk, int]:
+    """Reject `future` and `expired` requests; return the kept ones and the newest day seen.
+
+    `newest_day` is the newest event day known before this chunk; the chunk's own days count
+    too, so a chunk never keeps lines that its own newer lines push out of retention.
+    """
+    rejected = chunk.rejected
+    future = chunk.second > int(now) + SECONDS_PER_DAY
+    n_future = int(np.count_nonzero(future))
+    if n_future:
+        rejected["future"] += n_future
+        kept = chunk.take(~future)
+        kept.rejected = rejected
+        chunk = kept
+    if len(chunk):
+        newest_day = max(newest_day, int(chunk.day.max()))
+    if newest_day == NO_DAY:
+        return chunk, newest_day
+    expired = chunk.day < newest_day - retention_days
+    n_expired = int(np.count_nonzero(expired))
+    if n_expired:
+        rejected["expired"] += n_expired
+        kept = chunk.take(~expired)
+        kept.rejected = rejected
+        chunk = kept
+    return chunk, newest_day

@@ -1,0 +1,164 @@
+"""Request/reply over Unix sockets between the front, the shards and the supervisor.
+
+Each frame is a 4-byte length and a msgpack `Envelope`. One connection carries many
+requests at once; replies are matched to requests by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from statsd_server.errors import ShardUnavailable
+from statsd_server.messages import FRAME_HEADER, MAX_FRAME_BYTES, Body, Codec, Envelope, ErrorReply
+
+log = logging.getLogger(__name__)
+
+
+def socket_path(runtime_dir: Path, shard: int) -> Path:
+    return runtime_dir / f"shard-{shard}.sock"
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
+    """The next frame's payload, or None at a clean end of stream."""
+    try:
+        header = await reader.readexactly(FRAME_HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise
+        return None
+    (size,) = FRAME_HEADER.unpack(header)
+    if size > MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {size} bytes exceeds the limit")
+    return await reader.readexactly(size)
+
+
+class ShardClient:
+    """A multiplexed connection to one shard, reconnected on demand."""
+
+    def __init__(self, shard: int, path: Path, codec: Codec) -> None:
+        self.shard = shard
+        self._path = path
+        self._codec = codec
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Body]] = {}
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._connecting = asyncio.Lock()
+
+    async def request(self, body: Body, timeout: float) -> Body:
+        """Send one request and wait for its reply."""
+        try:
+            writer = await asyncio.wait_for(self._connect(), timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ShardUnavailable(self.shard, f"cannot connect: {exc or 'timeout'}") from exc
+        request_id = next(self._ids)
+        future: asyncio.Future[Body] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            writer.write(self._codec.frame(Envelope(request_id, body)))
+            reply = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError as exc:
+            raise ShardUnavailable(self.shard, f"no reply within {timeout:g}s") from exc
+        except ConnectionError as exc:
+            raise ShardUnavailable(self.shard, str(exc)) from exc
+        finally:
+            self._pending.pop(request_id, None)
+        if isinstance(reply, ErrorReply):
+            raise ShardUnavailable(self.shard, reply.message)
+        return reply
+
+    async def _connect(self) -> asyncio.StreamWriter:
+        async with self._connecting:
+            if self._writer is not None and not self._writer.is_closing():
+                return self._writer
+            reader, writer = await asyncio.open_unix_connection(str(self._path))
+            self._writer = writer
+            self._reader_task = asyncio.create_task(self._read_replies(reader, writer))
+            return writer
+
+    async def _read_replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        error: Exception = ConnectionError("connection closed by shard")
+        try:
+            while (payload := await read_frame(reader)) is not None:
+                envelope = self._codec.decode(payload)
+                future = self._pending.get(envelope.id)
+                if future is not None and not future.done():
+                    future.set_result(envelope.body)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            error = ConnectionError(f"connection lost: {exc}")
+        finally:
+            writer.close()
+            if self._writer is writer:
+                self._writer = None
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_exception(error)
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._reader_task is not None:
+            self._reader_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader_task
+
+
+Handler = Callable[[Body], Awaitable[Body]]
+
+
+async def serve_connection(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler, codec: Codec
+) -> None:
+    """Answer the requests on one connection, each in its own task so slow ones don't block."""
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def answer(envelope: Envelope) -> None:
+        try:
+            reply = await handler(envelope.body)
+        except Exception as exc:  # the peer gets the error; this process keeps serving
+            log.exception("request %s failed", type(envelope.body).__name__)
+            reply = ErrorReply(message=f"{type(exc).__name__}: {exc}")
+        if not writer.is_closing():
+            writer.write(codec.frame(Envelope(envelope.id, reply)))
+
+    try:
+        while (payload := await read_frame(reader)) is not None:
+            task = asyncio.create_task(answer(codec.decode(payload)))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            if writer.transport.get_write_buffer_size() > 64 * 1024 * 1024:
+                await writer.drain()
+    except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        log.debug("peer connection ended: %s", exc)
+    finally:
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        writer.close()
+
+
+def blocking_request(path: Path, body: Body, timeout: float) -> Body:
+    """One request on a fresh connection, for the supervisor's synchronous control loop."""
+    codec = Codec()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(codec.frame(Envelope(0, body)))
+        header = _recv_exactly(sock, FRAME_HEADER.size)
+        (size,) = FRAME_HEADER.unpack(header)
+        return codec.decode(_recv_exactly(sock, size)).body
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        part = sock.recv(size - len(data))
+        if not part:
+            raise ConnectionError("connection closed before the reply")
+        data += part
+    return bytes(data)

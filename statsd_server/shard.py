@@ -1,0 +1,255 @@
+"""A shard process: owns a hash-slice of the customers, ingests TCP, snapshots to SQLite.
+
+Every shard accepts ingest connections on the shared TCP port (each has its own
+SO_REUSEPORT socket, so the kernel spreads connections), parses what it receives, applies
+its own customers' requests in-process and sends the rest to their owners. Queries and
+batches from other processes arrive on the shard's Unix socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import msgspec
+import uvloop
+
+from persistence.snapshot import SnapshotDB
+from statsd_server import logs
+from statsd_server.config import Settings
+from statsd_server.errors import ShardUnavailable, SnapshotError
+from statsd_server.ingest import Dispatcher, IngestSession
+from statsd_server.messages import (
+    ApplyBatch,
+    Body,
+    Codec,
+    Drain,
+    Drained,
+    ErrorReply,
+    Ping,
+    Pong,
+    Shutdown,
+    ShutdownDone,
+    StatsQuery,
+)
+from statsd_server.newest_day import NO_DAY, NewestDay
+from statsd_server.routing import Router
+from statsd_server.rpc import ShardClient, serve_connection, socket_path
+from statsd_server.store import ShardStore
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 4 * 1024 * 1024
+# How long open ingest connections may take to finish when the server stops.
+DRAIN_GRACE = 10.0
+
+
+def run(
+    settings: Settings, index: int, tcp_sock: socket.socket, runtime_dir: Path, parent: Connection
+) -> None:
+    """Process entry point (spawned by the supervisor)."""
+    # Ctrl-C reaches the whole process group; the supervisor decides what happens.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logs.configure(settings.log_level, f"shard-{index}")
+    worker = ShardWorker(settings, index, tcp_sock, runtime_dir, parent)
+    try:
+        uvloop.run(worker.run())
+    except SnapshotError as exc:
+        parent.send(("error", str(exc)))
+        raise SystemExit(1) from None
+
+
+class ShardWorker:
+    def __init__(
+        self,
+        settings: Settings,
+        index: int,
+        tcp_sock: socket.socket,
+        runtime_dir: Path,
+        parent: Connection,
+    ) -> None:
+        self.settings = settings
+        self.index = index
+        self._tcp_sock = tcp_sock
+        self._runtime_dir = runtime_dir
+        self._parent = parent
+        self.store = ShardStore(settings.kll_k, settings.retention_days)
+        self._codec = Codec()
+        self._newest_day = NewestDay(runtime_dir / "newest_day", index)
+        self._router = Router(settings.shards)
+        self._clients = [
+            ShardClient(i, socket_path(runtime_dir, i), self._codec) for i in range(settings.shards)
+        ]
+        self._dispatcher = Dispatcher(self._clients, local=(index, self.store))
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{index}")
+        self._db: SnapshotDB | None = None
+        self._ingest_tasks: set[asyncio.Task[None]] = set()
+        self._tcp_server: asyncio.Server | None = None
+        self._snapshot_lock = asyncio.Lock()
+        self._stopped = asyncio.Event()
+        self._shutting_down = False
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._db = await loop.run_in_executor(self._executor, SnapshotDB, self.settings.data_dir)
+        rows, newest = await loop.run_in_executor(
+            self._executor, self._db.load, self.index, self.settings.shards
+        )
+        self.store.restore(rows, NO_DAY if newest is None else newest)
+        self._newest_day.publish(self.store.newest_day)
+        log.info(
+            "restored %d customer-days of %d customers from %s",
+            self.store.customer_days,
+            len(self.store.customers),
+            self._db.path,
+        )
+
+        path = socket_path(self._runtime_dir, self.index)
+        path.unlink(missing_ok=True)
+        unix_server = await asyncio.start_unix_server(self._serve_peer, path=str(path))
+        self._tcp_server = await asyncio.start_server(
+            self._serve_ingest, sock=self._tcp_sock, limit=READ_SIZE
+        )
+        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
+        # The supervisor holds the other end of this pipe; EOF means it is gone.
+        loop.add_reader(self._parent.fileno(), self._on_parent_message)
+        snapshots = asyncio.create_task(self._snapshot_loop())
+        self._parent.send(("ready", None))
+
+        await self._stopped.wait()
+        snapshots.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await snapshots
+        unix_server.close()
+        for client in self._clients:
+            await client.close()
+        loop.remove_reader(self._parent.fileno())
+        await loop.run_in_executor(self._executor, self._db.close)
+        self._executor.shutdown()
+        log.info("stopped")
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def _on_sigterm(self) -> None:
+        log.info("SIGTERM: draining, final snapshot, exit")
+        asyncio.create_task(self._stop_alone())
+
+    def _on_parent_message(self) -> None:
+        try:
+            self._parent.recv()
+        except (EOFError, OSError):
+            log.warning("supervisor is gone; stopping")
+            asyncio.get_running_loop().remove_reader(self._parent.fileno())
+            asyncio.create_task(self._stop_alone())
+
+    async def _stop_alone(self) -> None:
+        await self._drain()
+        await self._final_snapshot()
+        self._stopped.set()
+
+    async def _drain(self) -> None:
+        """Stop accepting ingest connections; give open ones a grace period to finish."""
+        self._shutting_down = True
+        if self._tcp_server is not None:
+            self._tcp_server.close()
+        if self._ingest_tasks:
+            _, pending = await asyncio.wait(set(self._ingest_tasks), timeout=DRAIN_GRACE)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("closed %d ingest connections still open after %ss", len(pending), DRAIN_GRACE)
+                await asyncio.wait(pending)
+
+    async def _final_snapshot(self) -> None:
+        await self._snapshot()
+        log.info("final snapshot written")
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.snapshot_interval)
+            try:
+                await self._snapshot()
+            except Exception:
+                log.exception("snapshot failed; will retry")
+
+    async def _snapshot(self) -> None:
+        """Write changed customer-days (and drop expired ones) in one transaction."""
+        async with self._snapshot_lock:
+            self.store.advance(self._newest_day.get())
+            if self.store.newest_day == NO_DAY:
+                return
+            rows = self.store.take_dirty()
+            assert self._db is not None
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor,
+                    self._db.write,
+                    rows,
+                    self.store.cutoff_day,
+                    self.store.newest_day,
+                )
+            except BaseException:
+                self.store.mark_dirty(rows)
+                raise
+            if rows:
+                log.debug("snapshot: %d customer-days", len(rows))
+
+    # -- ingest over TCP ---------------------------------------------------------------------
+
+    async def _serve_ingest(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._ingest_tasks.add(task)
+        session = IngestSession(
+            self._router, self._dispatcher, self._newest_day, self.settings.retention_days
+        )
+        try:
+            while data := await reader.read(READ_SIZE):
+                await session.feed(data)
+            summary = await session.finish()
+            writer.write(msgspec.json.encode(summary) + b"\n")
+            await writer.drain()
+        except ShardUnavailable as exc:
+            log.error("ingest connection failed: %s", exc)
+            await session.abort()
+            writer.write(msgspec.json.encode({"error": str(exc)}) + b"\n")
+        except (ConnectionError, asyncio.CancelledError):
+            await session.abort()
+        finally:
+            self._ingest_tasks.discard(task)
+            writer.close()
+
+    # -- requests from the front, other shards and the supervisor ----------------------------
+
+    async def _serve_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await serve_connection(reader, writer, self._handle, self._codec)
+
+    async def _handle(self, body: Body) -> Body:
+        if isinstance(body, ApplyBatch):
+            customer, day, status, duration = body.columns()
+            return self.store.apply(
+                body.customers, customer, day, status, duration, self._newest_day.get()
+            )
+        if isinstance(body, StatsQuery):
+            self.store.advance(self._newest_day.get())
+            return self.store.query(body.customer_id, body.first_day, body.last_day)
+        if isinstance(body, Ping):
+            return Pong(self.index, len(self.store.customers), self.store.customer_days)
+        if isinstance(body, Drain):
+            await self._drain()
+            return Drained()
+        if isinstance(body, Shutdown):
+            await self._final_snapshot()
+            asyncio.get_running_loop().call_later(0.05, self._stopped.set)
+            return ShutdownDone()
+        return ErrorReply(message=f"unexpected request {type(body).__name__}")
+
+

@@ -1,0 +1,161 @@
+"""A shard's in-memory aggregates: customer -> UTC day -> DayAggregate."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+
+from sketches import DayAggregate, merge_all
+from statsd_server.messages import Applied, StatsReply
+from statsd_server.newest_day import NO_DAY
+from persistence.snapshot import SnapshotRow
+
+_EPOCH = dt.date(1970, 1, 1)
+
+
+def day_to_date(day: int) -> str:
+    return (_EPOCH + dt.timedelta(days=day)).isoformat()
+
+
+def date_to_day(date: dt.date) -> int:
+    return (date - _EPOCH).days
+
+
+class ShardStore:
+    """The customer-days one shard owns, with retention and change tracking for snapshots."""
+
+    def __init__(self, kll_k: int, retention_days: int) -> None:
+        self.kll_k = kll_k
+        self.retention_days = retention_days
+        self.customers: dict[str, dict[int, DayAggregate]] = {}
+        self.newest_day = NO_DAY
+        self._dirty: set[tuple[str, int]] = set()
+
+    @property
+    def customer_days(self) -> int:
+        return sum(len(days) for days in self.customers.values())
+
+    @property
+    def cutoff_day(self) -> int:
+        """The oldest day still kept."""
+        return NO_DAY if self.newest_day == NO_DAY else self.newest_day - self.retention_days
+
+    def advance(self, newest_day: int) -> None:
+        """Move the newest day forward and drop the days that fell out of retention."""
+        if newest_day <= self.newest_day:
+            return
+        self.newest_day = newest_day
+        cutoff = self.cutoff_day
+        for customer_id in list(self.customers):
+            days = self.customers[customer_id]
+            for day in [d for d in days if d < cutoff]:
+                del days[day]
+                self._dirty.discard((customer_id, day))
+            if not days:
+                del self.customers[customer_id]
+
+    def apply(
+        self,
+        customers: list[str],
+        customer: np.ndarray,
+        day: np.ndarray,
+        status: np.ndarray,
+        duration: np.ndarray,
+        newest_day: int,
+    ) -> Applied:
+        """Fold a batch of requests into the aggregates, one sketch update per customer-day."""
+        self.advance(newest_day)
+        expired = 0
+        if len(day) and self.newest_day != NO_DAY:
+            keep = day >= self.cutoff_day
+            expired = int(len(day) - np.count_nonzero(keep))
+            if expired:
+                customer, day, status, duration = (
+                    customer[keep],
+                    day[keep],
+                    status[keep],
+                    duration[keep],
+                )
+        n = len(day)
+        if n == 0:
+            return Applied(applied=0, expired=expired)
+        first_day = int(day.min())
+        span = int(day.max()) - first_day + 1
+        key = customer.astype(np.int64) * span + (day.astype(np.int64) - first_day)
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        status = status[order]
+        durations = duration[order]
+        starts = np.flatnonzero(np.diff(key, prepend=np.int64(-1)))
+        ends = np.append(starts[1:], n)
+        successful = np.add.reduceat((status < 400).astype(np.int64), starts)
+        client = np.add.reduceat(((status >= 400) & (status < 500)).astype(np.int64), starts)
+        server = np.add.reduceat((status >= 500).astype(np.int64), starts)
+        sums = np.add.reduceat(durations, starts)
+        group_key = key[starts]
+        group_customer = (group_key // span).tolist()
+        group_day = (group_key % span + first_day).tolist()
+
+        k = self.kll_k
+        dirty = self._dirty
+        for g, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+            customer_id = customers[group_customer[g]]
+            d = group_day[g]
+            days = self.customers.get(customer_id)
+            if days is None:
+                days = self.customers[customer_id] = {}
+            agg = days.get(d)
+            if agg is None:
+                agg = days[d] = DayAggregate(k)
+            agg.add(
+                end - start,
+                int(successful[g]),
+                int(client[g]),
+                int(server[g]),
+                float(sums[g]),
+                durations[start:end],
+            )
+            dirty.add((customer_id, d))
+        return Applied(applied=n, expired=expired)
+
+    def query(self, customer_id: str, first_day: int, last_day: int | None) -> StatsReply:
+        """Per-day stats in [first_day, last_day] and their merged summary."""
+        days = self.customers.get(customer_id)
+        if days is None:
+            return StatsReply(known=False, days=[], summary=None)
+        selected = sorted(
+            d for d in days if d >= first_day and (last_day is None or d <= last_day)
+        )
+        summary = merge_all((days[d] for d in selected), self.kll_k)
+        return StatsReply(
+            known=True,
+            days=[days[d].stats(day_to_date(d)) for d in selected],
+            summary=summary.stats(),
+        )
+
+    def take_dirty(self) -> list[SnapshotRow]:
+        """Rows for every customer-day changed since the last call, and forget the changes."""
+        rows = []
+        for customer_id, d in self._dirty:
+            agg = self.customers[customer_id][d]
+            rows.append(SnapshotRow.from_aggregate(customer_id, d, agg))
+        self._dirty = set()
+        return rows
+
+    def mark_dirty(self, rows: list[SnapshotRow]) -> None:
+        """Mark rows as changed again after a snapshot that failed to write them."""
+        for row in rows:
+            days = self.customers.get(row.customer_id)
+            if days is not None and row.day in days:
+                self._dirty.add((row.customer_id, row.day))
+
+    def restore(self, rows: list[SnapshotRow], newest_day: int) -> None:
+        """Load snapshot rows, keeping only days within retention."""
+        for row in rows:
+            newest_day = max(newest_day, row.day)
+        self.newest_day = max(self.newest_day, newest_day)
+        cutoff = self.cutoff_day
+        for row in rows:
+            if row.day >= cutoff:
+                self.customers.setdefault(row.customer_id, {})[row.day] = row.aggregate()

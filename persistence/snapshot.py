@@ -81,7 +81,10 @@ class SnapshotDB:
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / DB_FILENAME
         try:
-            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000)
+            # Autocommit mode: transactions are explicit (see write()).
+            conn = sqlite3.connect(
+                self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None
+            )
             self.db = sqlite_utils.Database(conn)
             self.db.enable_wal()
             self.db["days"].create(_COLUMNS, pk=("customer_id", "day"), if_not_exists=True)
@@ -91,8 +94,12 @@ class SnapshotDB:
 
     def write(self, rows: list[SnapshotRow], cutoff_day: int, newest_day: int) -> None:
         """Upsert changed rows, drop days older than the cutoff, in one transaction."""
-        with self.db.atomic():
-            self.db.conn.executemany(
+        conn = self.db.conn
+        # IMMEDIATE takes the write lock up front, so a concurrent writer (another shard) makes
+        # this wait for the busy timeout; a deferred transaction could fail at once instead.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
                 "INSERT OR REPLACE INTO days (customer_id, day, customer_key, total, successful,"
                 " client_errors, server_errors, duration_sum, sketch_kind, sketch)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -112,12 +119,16 @@ class SnapshotDB:
                     for r in rows
                 ],
             )
-            self.db["days"].delete_where("day < ?", [cutoff_day])
-            self.db.execute(
+            conn.execute("DELETE FROM days WHERE day < ?", [cutoff_day])
+            conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('newest_day', ?)"
                 " ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
                 [newest_day],
             )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     def load(self, shard: int, shards: int) -> tuple[list[SnapshotRow], int | None]:
         """The rows a shard owns under `shards` shards, and the newest day ever stored."""

@@ -1,5 +1,5 @@
 """The per-customer-day aggregate: exact counters plus a latency sketch."""
 
-from sketches.aggregate import SKETCH_KIND, DayAggregate, LatencyStats, merge_all
+from sketches.aggregate import SKETCH_KIND, DayAggregate, LatencyStats, summarize
 
-__all__ = ["SKETCH_KIND", "DayAggregate", "LatencyStats", "merge_all"]
+__all__ = ["SKETCH_KIND", "DayAggregate", "LatencyStats", "summarize"]

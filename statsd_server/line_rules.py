@@ -168,31 +168,24 @@ def _parse_json(raw: bytes) -> Request | str:
 def _json_rejection(raw: bytes) -> str:
     """The reason a syntactically valid JSON line failed the record schema."""
     try:
-        obj = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+        obj = msgspec.json.decode(raw, type=dict[str, msgspec.Raw])
+    except (msgspec.DecodeError, msgspec.ValidationError):
         return "json"
-    if not isinstance(obj, dict):
-        return "json"
-    if any(obj.get(name) is None for name in _JSON_FIELDS):
-        return "fields"
-    if not isinstance(obj["timestamp"], str):
-        return "timestamp"
-    if not isinstance(obj["customer_id"], str):
-        return "customer_id"
-    if not isinstance(obj["request_path"], str):
-        return "path"
-    if not isinstance(obj["status_code"], int) or isinstance(obj["status_code"], bool):
-        return "status"
-    if not isinstance(obj["duration"], (int, float)) or isinstance(obj["duration"], bool):
-        return "duration"
-    # The remaining schema failures are a timestamp string that is not RFC 3339, or a number
-    # outside the range msgspec represents.
-    try:
-        msgspec.json.decode(msgspec.json.encode(obj["timestamp"]), type=dt.datetime)
-    except msgspec.ValidationError:
-        return "timestamp"
-    try:
-        msgspec.json.decode(msgspec.json.encode(obj["status_code"]), type=int)
-    except msgspec.ValidationError:
-        return "status"
-    return "duration"
+    for name in _JSON_FIELDS:
+        if name not in obj or bytes(obj[name]) == b"null":
+            return "fields"
+    for name, typ, reason in _JSON_FIELD_TYPES:
+        try:
+            msgspec.json.decode(obj[name], type=typ)
+        except msgspec.ValidationError:
+            return reason
+    return "json"
+
+
+_JSON_FIELD_TYPES = (
+    ("timestamp", dt.datetime, "timestamp"),
+    ("customer_id", str, "customer_id"),
+    ("request_path", str, "path"),
+    ("status_code", int, "status"),
+    ("duration", float, "duration"),
+)

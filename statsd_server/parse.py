@@ -228,7 +228,7 @@ def _parse_fast(
     ndots = isdot.sum(axis=1)
     ok &= (dlen <= _DURATION_WIDTH) & ((isdig | isdot) == inside).all(axis=1) & (ndots <= 1)
     dot_pos = np.where(ndots == 1, isdot.argmax(axis=1), dlen)
-    ok &= (dot_pos > 0) & (dot_pos < dlen - (ndots == 1))
+    ok &= (ndots == 0) | ((dot_pos > 0) & (dot_pos < dlen - 1))
     ndigits = isdig.sum(axis=1)
     ok &= ndigits <= _MAX_EXACT_DIGITS
     mantissa = np.zeros(n, dtype=np.int64)

@@ -63,6 +63,7 @@ def run(
     except SnapshotError as exc:
         parent.send(("error", str(exc)))
         raise SystemExit(1) from None
+    raise SystemExit(worker.exit_code)
 
 
 class ShardWorker:
@@ -94,6 +95,7 @@ class ShardWorker:
         self._snapshot_lock = asyncio.Lock()
         self._stopped = asyncio.Event()
         self._shutting_down = False
+        self.exit_code = 0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -149,9 +151,11 @@ class ShardWorker:
             asyncio.create_task(self._stop_alone())
 
     async def _stop_alone(self) -> None:
-        await self._drain()
-        await self._final_snapshot()
-        self._stopped.set()
+        try:
+            await self._drain()
+            await self._final_snapshot()
+        finally:
+            self._stopped.set()
 
     async def _drain(self) -> None:
         """Stop accepting ingest connections; give open ones a grace period to finish."""
@@ -167,7 +171,12 @@ class ShardWorker:
                 await asyncio.wait(pending)
 
     async def _final_snapshot(self) -> None:
-        await self._snapshot()
+        try:
+            await self._snapshot()
+        except Exception:
+            self.exit_code = 1
+            log.exception("final snapshot failed; changes since the last snapshot are lost")
+            raise
         log.info("final snapshot written")
 
     # -- snapshots ---------------------------------------------------------------------------
@@ -247,8 +256,11 @@ class ShardWorker:
             await self._drain()
             return Drained()
         if isinstance(body, Shutdown):
-            await self._final_snapshot()
-            asyncio.get_running_loop().call_later(0.05, self._stopped.set)
+            try:
+                await self._final_snapshot()
+            finally:
+                # Stop after the reply is on its way, whether or not the snapshot worked.
+                asyncio.get_running_loop().call_later(0.05, self._stopped.set)
             return ShutdownDone()
         return ErrorReply(message=f"unexpected request {type(body).__name__}")
 

@@ -6,7 +6,7 @@ import datetime as dt
 
 import numpy as np
 
-from sketches import DayAggregate, merge_all
+from sketches import DayAggregate, summarize
 from statsd_server.messages import Applied, StatsReply
 from statsd_server.newest_day import NO_DAY
 from persistence.snapshot import SnapshotRow
@@ -127,11 +127,10 @@ class ShardStore:
         selected = sorted(
             d for d in days if d >= first_day and (last_day is None or d <= last_day)
         )
-        summary = merge_all((days[d] for d in selected), self.kll_k)
         return StatsReply(
             known=True,
             days=[days[d].stats(day_to_date(d)) for d in selected],
-            summary=summary.stats(),
+            summary=summarize([days[d] for d in selected]),
         )
 
     def take_dirty(self) -> list[SnapshotRow]:

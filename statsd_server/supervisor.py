@@ -28,7 +28,7 @@ from statsd_server import front, newest_day, shard
 from statsd_server.config import Settings
 from statsd_server.errors import StatsServerError
 from statsd_server.loader import load_files
-from statsd_server.messages import Drain, Shutdown
+from statsd_server.messages import Drain, ErrorReply, Shutdown
 from statsd_server.rpc import blocking_request, socket_path
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,8 @@ class Supervisor:
             if self.load:
                 threading.Thread(target=self._load_files, daemon=True).start()
             code = self._supervise()
-            self._stop_all()
+            if not self._stop_all():
+                code = code or 1
             return code
         finally:
             for sock in sockets:
@@ -186,7 +187,7 @@ class Supervisor:
             self._restarts.popleft()
         return len(self._restarts) <= MAX_RESTARTS
 
-    def _stop_all(self) -> None:
+    def _stop_all(self) -> bool:
         """Front first, then drain every shard, then final snapshots."""
         log.info("stopping")
         shards = [c for c in self._children if c.name.startswith("shard-") and _alive(c)]
@@ -195,9 +196,10 @@ class Supervisor:
                 assert child.process is not None
                 child.process.terminate()
                 child.process.join(STOP_TIMEOUT)
+        ok = True
         with ThreadPoolExecutor(max(1, len(shards))) as pool:
             for phase in (Drain(), Shutdown()):
-                list(pool.map(lambda c: self._control(c, phase), shards))
+                ok &= all(pool.map(lambda c: self._control(c, phase), shards))
         for child in self._children:
             if child.process is None:
                 continue
@@ -206,14 +208,24 @@ class Supervisor:
                 log.error("%s did not stop; killing it", child.name)
                 child.process.kill()
                 child.process.join()
-        log.info("stopped")
+                ok = False
+            elif child.process.exitcode not in (0, None) and child in shards:
+                ok = False
+        log.info("stopped" if ok else "stopped with errors")
+        return ok
 
-    def _control(self, child: _Child, body: Drain | Shutdown) -> None:
+    def _control(self, child: _Child, body: Drain | Shutdown) -> bool:
+        """Send a shutdown-phase request; False if the shard failed it."""
         index = int(child.name.split("-")[1])
         try:
-            blocking_request(socket_path(self._runtime_dir, index), body, STOP_TIMEOUT)
+            reply = blocking_request(socket_path(self._runtime_dir, index), body, STOP_TIMEOUT)
         except OSError as exc:
             log.error("%s did not answer %s: %s", child.name, type(body).__name__, exc)
+            return False
+        if isinstance(reply, ErrorReply):
+            log.error("%s failed %s: %s", child.name, type(body).__name__, reply.message)
+            return False
+        return True
 
     # -- signals and loading -----------------------------------------------------------------
 

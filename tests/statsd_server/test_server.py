@@ -1,0 +1,285 @@
+"""The real server, end to end: subprocess, real sockets, real SQLite, expectations computed here.
+
+Records are generated in the test first and rendered as lines afterwards, so the expected
+statistics never depend on the server's parser.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import random
+import signal
+import subprocess
+import sys
+import urllib.parse
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, Server
+
+CUSTOMERS = [
+    "cust_1", "cust_2", "a", "550e8400-e29b-41d4-a716-446655440000", "acme-corp.eu",
+    "kunde_müller", "tenant:7/prod", "x" * 128, "ü" * 64, "user@example.com", "100%off",
+    "a+b", "rocket_🚀", "q?x=1", "hash#1", "Ωmega",
+]
+STATUSES = [100, 200, 201, 204, 301, 304, 400, 401, 403, 404, 429, 500, 502, 503]
+TODAY = dt.datetime.now(dt.timezone.utc).date()
+DAYS = [TODAY - dt.timedelta(days=i) for i in range(1, 11)]  # the ten days before today
+BUSY = ("cust_1", DAYS[3], 30_000)  # one customer-day far above k
+
+
+@dataclass(frozen=True)
+class Rec:
+    customer: str
+    second: int  # UTC epoch seconds
+    status: int
+    duration: str  # as written in the line
+
+    @property
+    def date(self) -> str:
+        return dt.datetime.fromtimestamp(self.second, dt.timezone.utc).date().isoformat()
+
+
+def make_records(rng: random.Random) -> list[Rec]:
+    recs = []
+    for customer in CUSTOMERS:
+        for day in rng.sample(DAYS, 6):
+            base = int(dt.datetime.combine(day, dt.time(), dt.timezone.utc).timestamp())
+            for _ in range(rng.randint(1, 60)):
+                duration = rng.choice(
+                    [f"{rng.randint(0, 3)}.{rng.randint(0, 999):03d}", str(rng.randint(0, 5)),
+                     f"0.{rng.randint(0, 10**9):09d}"]
+                )
+                recs.append(Rec(customer, base + rng.randint(0, 86399), rng.choice(STATUSES), duration))
+    customer, day, n = BUSY
+    base = int(dt.datetime.combine(day, dt.time(), dt.timezone.utc).timestamp())
+    np_rng = np.random.default_rng(5)
+    millis = np.maximum(1, np.rint(np_rng.lognormal(np.log(250), 0.7, n))).astype(int)
+    statuses = np_rng.choice(STATUSES, n)
+    for ms, st, sec in zip(millis.tolist(), statuses.tolist(), np_rng.integers(0, 86400, n).tolist(), strict=True):
+        recs.append(Rec(customer, base + sec, st, f"{ms // 1000}.{ms % 1000:03d}"))
+    rng.shuffle(recs)
+    return recs
+
+
+def render(rec: Rec, rng: random.Random) -> str:
+    """A text line with random separators, or a JSON line in some UTC offset."""
+    if rng.random() < 0.2:
+        offset = rng.choice([0, 60, -300, 330, 840])
+        local = dt.datetime.fromtimestamp(rec.second, dt.timezone(dt.timedelta(minutes=offset)))
+        ts = local.isoformat() if offset else local.strftime("%Y-%m-%dT%H:%M:%SZ")
+        dur = float(rec.duration)
+        return (f'{{"customer_id": "{rec.customer}", "request_path": "/v1/x", "timestamp": "{ts}",'
+                f' "status_code": {rec.status}, "duration": {dur!r}, "region": "eu"}}')
+    when = dt.datetime.fromtimestamp(rec.second, dt.timezone.utc)
+    sep = lambda: rng.choice([" ", "  ", "\t", " \t "])  # noqa: E731
+    frac = rng.choice(["", ".25", ".000001"])
+    line = sep().join([when.strftime("%Y-%m-%d"), when.strftime("%H:%M:%S") + frac,
+                       rec.customer, "/api/v1/resource1", str(rec.status), rec.duration])
+    return rng.choice(["", " ", "\t"]) + line + rng.choice(["", "", " ", "\r"])
+
+
+BAD_LINES = [
+    ("2024-13-40 12:00:00 cust_1 /a 200 0.1", "date"),
+    (f"{DAYS[0]} 12:61:00 cust_1 /a 200 0.1", "time"),
+    (f"{DAYS[0]} 12:00:00 cust_1 /a 200", "fields"),
+    (f"{DAYS[0]} 12:00:00 {'y' * 129} /a 200 0.1", "customer_id"),
+    (f"{DAYS[0]} 12:00:00 cust_1 a 200 0.1", "path"),
+    (f"{DAYS[0]} 12:00:00 cust_1 /a 600 0.1", "status"),
+    (f"{DAYS[0]} 12:00:00 cust_1 /a 200 1e3", "duration"),
+    ('{"timestamp": "nope", "customer_id": "c", "request_path": "/a", "status_code": 200, "duration": 1}', "timestamp"),
+    ('{"timestamp": "2024-09-03T12:00:00Z"', "json"),
+    ("x" * 5000, "too_long"),
+]
+
+
+EMPTY_SUMMARY = {
+    "total_requests": 0, "successful_requests": 0, "failed_requests": 0, "client_errors": 0,
+    "server_errors": 0, "uptime_pct": None, "avg_latency_ms": None, "median_latency_ms": None,
+    "p99_latency_ms": None,
+}
+
+
+def expected_stats(recs: list[Rec]) -> dict[str, Any]:
+    """Counters and exact figures of a set of records, computed with numpy."""
+    statuses = np.array([r.status for r in recs])
+    durations = np.array([float(r.duration) for r in recs])
+    n = len(recs)
+    server = int(np.sum(statuses >= 500))
+    ordered = np.sort(durations)
+    return {
+        "total_requests": n,
+        "successful_requests": int(np.sum(statuses < 400)),
+        "failed_requests": int(np.sum(statuses >= 400)),
+        "client_errors": int(np.sum((statuses >= 400) & (statuses < 500))),
+        "server_errors": server,
+        "uptime_pct": round(100 * (n - server) / n, 3),
+        "avg_latency_ms": durations.mean() * 1000,
+        "median": ordered[max(1, math.ceil(0.5 * n)) - 1] * 1000,
+        "p99": ordered[max(1, math.ceil(0.99 * n)) - 1] * 1000,
+        "ordered": ordered,
+    }
+
+
+def check(got: dict[str, Any], recs: list[Rec]) -> None:
+    """A day or summary from the server matches the records: exact, or within rank error."""
+    if not recs:
+        assert got == EMPTY_SUMMARY
+        return
+    exp = expected_stats(recs)
+    for key in ("total_requests", "successful_requests", "failed_requests", "client_errors",
+                "server_errors", "uptime_pct"):
+        assert got[key] == exp[key], key
+    assert got["avg_latency_ms"] == pytest.approx(exp["avg_latency_ms"], abs=5.01e-4)
+    if len(recs) <= 200:
+        assert got["median_latency_ms"] == pytest.approx(exp["median"], abs=5.01e-4)
+        assert got["p99_latency_ms"] == pytest.approx(exp["p99"], abs=5.01e-4)
+    else:
+        ordered = exp["ordered"]
+        for q, key in ((0.5, "median_latency_ms"), (0.99, "p99_latency_ms")):
+            # With ties a value spans a range of ranks; q must fall in it, give or take 2%.
+            low = np.searchsorted(ordered, got[key] / 1000 - 1e-9, side="left") / len(ordered)
+            high = np.searchsorted(ordered, got[key] / 1000 + 1e-9, side="right") / len(ordered)
+            assert low - 0.02 <= q <= high + 0.02, (key, low, high)
+
+
+def stats_path(customer: str, first: str, last: str | None = None) -> str:
+    path = f"/customers/{urllib.parse.quote(customer, safe='')}/stats?from={first}"
+    return path + (f"&to={last}" if last else "")
+
+
+@pytest.mark.slow
+def test_end_to_end_ingest_query_restart(server_factory: Any) -> None:
+    """TCP and HTTP ingest, every customer's stats, identical after SIGTERM and a restart."""
+    rng = random.Random(42)
+    recs = make_records(rng)
+    http_part, tcp_part = recs[:3000], recs[3000:]
+    server: Server = server_factory(shards=2)
+
+    lines = [render(r, rng) for r in tcp_part]
+    for bad, _ in BAD_LINES:
+        lines.insert(rng.randrange(len(lines)), bad)
+    lines.insert(rng.randrange(len(lines)), "")
+    lines.insert(rng.randrange(len(lines)), "   \t ")
+    summary = server.send_tcp(("\n".join(lines) + "\n").encode())
+    reasons: dict[str, int] = defaultdict(int)
+    for _, reason in BAD_LINES:
+        reasons[reason] += 1
+    assert summary == {"accepted": len(tcp_part), "rejected": len(BAD_LINES),
+                       "rejected_by_reason": dict(sorted(reasons.items()))}
+
+    body = "\n".join(render(r, rng) for r in http_part).encode()
+    status, reply = server.request("POST", "/ingest", body, {"Content-Type": "application/x-ndjson"})
+    assert (status, reply) == (200, {"accepted": len(http_part), "rejected": 0, "rejected_by_reason": {}})
+
+    # future and expired lines, against the newest day now known (yesterday)
+    newest = DAYS[0]
+    late = [
+        (f"{TODAY + dt.timedelta(days=3)} 00:00:00 cust_1 /a 200 1", "future"),
+        (f"{newest - dt.timedelta(days=31)} 12:00:00 cust_1 /a 200 1", "expired"),
+        (f"{newest - dt.timedelta(days=30)} 12:00:00 cust_old /a 200 1.5", None),
+    ]
+    summary = server.send_tcp("\n".join(line for line, _ in late).encode())
+    assert summary == {"accepted": 1, "rejected": 2, "rejected_by_reason": {"expired": 1, "future": 1}}
+    recs.append(Rec("cust_old", int(dt.datetime.combine(newest - dt.timedelta(days=30), dt.time(12), dt.timezone.utc).timestamp()), 200, "1.5"))
+
+    by_customer: dict[str, list[Rec]] = defaultdict(list)
+    for r in recs:
+        by_customer[r.customer].append(r)
+    answers = {}
+    first, last = DAYS[-1].isoformat(), DAYS[0].isoformat()
+    mid_from, mid_to = DAYS[7].isoformat(), DAYS[2].isoformat()
+    for customer, crecs in by_customer.items():
+        for q_from, q_to in ((DAYS[-1] - dt.timedelta(days=40)).isoformat(), None), (mid_from, mid_to):
+            path = stats_path(customer, q_from, q_to)
+            status, got = server.get(path)
+            assert status == 200, got
+            answers[path] = got
+            assert (got["customer_id"], got["from"], got["to"]) == (customer, q_from, q_to)
+            in_range = [r for r in crecs if r.date >= q_from and (q_to is None or r.date <= q_to)]
+            per_day: dict[str, list[Rec]] = defaultdict(list)
+            for r in in_range:
+                per_day[r.date].append(r)
+            assert [d["date"] for d in got["days"]] == sorted(per_day)
+            for d in got["days"]:
+                check(d, per_day[d["date"]])
+            check(got["summary"], in_range)
+            assert "date" not in got["summary"]
+
+    # a known customer with no days in range
+    status, got = server.get(stats_path("cust_2", TODAY.isoformat()))
+    assert status == 200 and got["days"] == []
+    assert got["summary"] == EMPTY_SUMMARY
+    assert len(answers) == 2 * len(by_customer)
+
+    assert server.stop(signal.SIGTERM) == 0
+    restarted: Server = server_factory(shards=3)
+    for path, before in answers.items():
+        assert restarted.get(path) == (200, before), path
+
+
+@pytest.mark.slow
+def test_errors_are_json_with_the_right_codes(server_factory: Any) -> None:
+    """Bad parameters are 400, unknown customers 404, other mistakes their HTTP code, all JSON."""
+    server: Server = server_factory(shards=2)
+    day = DAYS[0].isoformat()
+    server.send_tcp(f"{day} 12:00:00 known /a 200 0.5\n".encode())
+    cases = [
+        (stats_path("known", day), 200),
+        ("/customers/known/stats", 400),
+        ("/customers/known/stats?from=", 400),
+        ("/customers/known/stats?from=2024-13-01", 400),
+        ("/customers/known/stats?from=yesterday", 400),
+        ("/customers/known/stats?from=2024-02-30", 400),
+        (stats_path("known", day, "2024-01-01"), 400),
+        (f"/customers/known/stats?from={day}&to=soon", 400),
+        (stats_path("unknown", day), 404),
+        (stats_path("a b", day), 400),
+        (stats_path("x" * 129, day), 400),
+        ("/customers//stats?from=2024-01-01", 404),
+        ("/nothing/here", 404),
+    ]
+    for path, code in cases:
+        status, body = server.get(path)
+        assert status == code, (path, body)
+        if code != 200:
+            assert isinstance(body["error"], str) and body["error"], path
+    status, body = server.request("DELETE", stats_path("known", day))
+    assert status == 405 and "error" in body
+    status, body = server.request("POST", "/ingest", b"x", {"Content-Type": "application/json"})
+    assert status == 415 and "text/plain" in body["error"]
+    assert server.get("/health") == (200, {"status": "ok"})
+    assert server.get("/ready") == (200, {"status": "ready", "shards": 2})
+
+
+@pytest.mark.slow
+def test_load_command_and_serve_load(server_factory: Any, tmp_path: Any) -> None:
+    """`statsd-server load` prints the summed summary; `serve --load` starts with data loaded."""
+    log = tmp_path / "gen.log"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "generator.py"), str(log), "20000",
+                    "--bad-rate", "0.01", "--seed", "9"], check=True)
+    lines = log.read_text().splitlines()
+    server: Server = server_factory(shards=2)
+    out = subprocess.run(
+        [sys.executable, "-m", "statsd_server", "load", str(log), str(log),
+         "--tcp-port", str(server.tcp_port), "--connections", "3"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    import json
+
+    summary = json.loads(out)
+    assert out.count("\n") == 1
+    assert summary["accepted"] + summary["rejected"] == 2 * len(lines)
+    assert summary["rejected"] > 0 and summary["accepted"] > 0.95 * 2 * len(lines)
+    first_day = min(ln[:10] for ln in lines if ln.startswith("20") and ln[10] == " ")
+    status, got = server.get(stats_path("cust_7", "2000-01-01"))
+    assert status == 200
+    total = got["summary"]["total_requests"]
+    assert total == 2 * sum(1 for ln in lines if " cust_7 " in ln and ln.startswith(first_day[:2]) and ln.count(" ") == 5
+                            and ln.split(" ")[4] in {"200", "201", "400", "401", "403", "404", "500"}
+                            and ln.split(" ")[1][:2] <= "23")

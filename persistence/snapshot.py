@@ -82,13 +82,11 @@ class SnapshotDB:
         self.path = data_dir / DB_FILENAME
         try:
             # Autocommit mode: transactions are explicit (see write()).
-            conn = sqlite3.connect(
-                self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None
-            )
+            conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             self.db = sqlite_utils.Database(conn)
             self.db.enable_wal()
-            self.db["days"].create(_COLUMNS, pk=("customer_id", "day"), if_not_exists=True)
-            self.db["meta"].create({"key": str, "value": int}, pk="key", if_not_exists=True)
+            self.db.table("days").create(_COLUMNS, pk=("customer_id", "day"), if_not_exists=True)
+            self.db.table("meta").create({"key": str, "value": int}, pk="key", if_not_exists=True)
         except sqlite3.DatabaseError as exc:
             raise SnapshotError(f"cannot open snapshot database {self.path}: {exc}") from exc
 

@@ -146,7 +146,9 @@ async def ready(request: web.Request) -> web.Response:
     results = await asyncio.gather(
         *(c.request(Ping(), PING_TIMEOUT) for c in clients), return_exceptions=True
     )
-    missing = [c.shard for c, r in zip(clients, results, strict=True) if isinstance(r, BaseException)]
+    missing = [
+        c.shard for c, r in zip(clients, results, strict=True) if isinstance(r, BaseException)
+    ]
     if missing:
         names = ", ".join(str(s) for s in missing)
         return _error(503, f"shards not answering: {names}", missing_shards=missing)
@@ -171,7 +173,9 @@ def create_app(settings: Settings, runtime_dir: Path, slot: int | None = None) -
     app = web.Application(middlewares=[json_errors])
     app[SETTINGS] = settings
     app[ROUTER] = Router(settings.shards)
-    app[NEWEST_DAY] = NewestDay(runtime_dir / "newest_day", settings.shards if slot is None else slot)
+    app[NEWEST_DAY] = NewestDay(
+        runtime_dir / "newest_day", settings.shards if slot is None else slot
+    )
 
     async def shard_clients(app: web.Application) -> AsyncIterator[None]:
         codec = Codec()
@@ -190,7 +194,9 @@ def create_app(settings: Settings, runtime_dir: Path, slot: int | None = None) -
     return app
 
 
-def run(settings: Settings, http_sock: socket.socket, runtime_dir: Path, parent: Connection) -> None:
+def run(
+    settings: Settings, http_sock: socket.socket, runtime_dir: Path, parent: Connection
+) -> None:
     """Process entry point (spawned by the supervisor)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logs.configure(settings.log_level, "front")

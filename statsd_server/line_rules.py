@@ -146,7 +146,7 @@ def _parse_json(raw: bytes) -> Request | str:
         return "json"
     ts = record.timestamp
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=dt.timezone.utc)
+        ts = ts.replace(tzinfo=dt.UTC)
     try:
         second = math.floor(ts.timestamp())
     except (OverflowError, ValueError):

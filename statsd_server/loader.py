@@ -6,6 +6,7 @@ connections; the server's per-connection summaries are added up.
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 import sys
@@ -47,7 +48,7 @@ def split_at_lines(path: Path, parts: int) -> list[tuple[int, int]]:
             if pos > cuts[-1]:
                 cuts.append(pos)
     cuts.append(size)
-    return [(a, b - a) for a, b in zip(cuts, cuts[1:], strict=False) if b > a] or [(0, 0)]
+    return [(a, b - a) for a, b in itertools.pairwise(cuts) if b > a] or [(0, 0)]
 
 
 def _send_part(
@@ -89,7 +90,9 @@ def load_files(
 ) -> IngestSummary:
     """Send every file and return the summed summary; a progress bar shows on a terminal."""
     connections = connections or default_connections()
-    jobs = [(path, off, ln) for path in files for off, ln in split_at_lines(Path(path), connections)]
+    jobs = [
+        (path, off, ln) for path in files for off, ln in split_at_lines(Path(path), connections)
+    ]
     total = sum(ln for _, _, ln in jobs)
     summary = IngestSummary()
     with (

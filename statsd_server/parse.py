@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from statsd_server.newest_day import NO_DAY
 from statsd_server.line_rules import (
     MAX_CUSTOMER_ID_BYTES,
     MAX_LINE_BYTES,
@@ -21,6 +20,7 @@ from statsd_server.line_rules import (
     Request,
     parse_line,
 )
+from statsd_server.newest_day import NO_DAY
 
 _SPACE, _TAB, _NL, _CR = 32, 9, 10, 13
 _DIGIT0, _DOT, _DASH, _COLON, _SLASH, _BRACE = 48, 46, 45, 58, 47, 123

@@ -55,7 +55,7 @@ class ShardClient:
         """Send one request and wait for its reply."""
         try:
             writer = await asyncio.wait_for(self._connect(), timeout)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise ShardUnavailable(self.shard, f"cannot connect: {exc or 'timeout'}") from exc
         request_id = next(self._ids)
         future: asyncio.Future[Body] = asyncio.get_running_loop().create_future()
@@ -63,7 +63,7 @@ class ShardClient:
         try:
             writer.write(self._codec.frame(Envelope(request_id, body)))
             reply = await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise ShardUnavailable(self.shard, f"no reply within {timeout:g}s") from exc
         except ConnectionError as exc:
             raise ShardUnavailable(self.shard, str(exc)) from exc
@@ -82,7 +82,9 @@ class ShardClient:
             self._reader_task = asyncio.create_task(self._read_replies(reader, writer))
             return writer
 
-    async def _read_replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _read_replies(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         error: Exception = ConnectionError("connection closed by shard")
         try:
             while (payload := await read_frame(reader)) is not None:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import socket
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -96,6 +97,7 @@ class ShardWorker:
         self._stopped = asyncio.Event()
         self._shutting_down = False
         self.exit_code = 0
+        self._background: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -140,7 +142,7 @@ class ShardWorker:
 
     def _on_sigterm(self) -> None:
         log.info("SIGTERM: draining, final snapshot, exit")
-        asyncio.create_task(self._stop_alone())
+        self._spawn(self._stop_alone())
 
     def _on_parent_message(self) -> None:
         try:
@@ -148,7 +150,13 @@ class ShardWorker:
         except (EOFError, OSError):
             log.warning("supervisor is gone; stopping")
             asyncio.get_running_loop().remove_reader(self._parent.fileno())
-            asyncio.create_task(self._stop_alone())
+            self._spawn(self._stop_alone())
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        """Run a task from a callback, holding a reference until it is done."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _stop_alone(self) -> None:
         try:
@@ -167,7 +175,9 @@ class ShardWorker:
             for task in pending:
                 task.cancel()
             if pending:
-                log.warning("closed %d ingest connections still open after %ss", len(pending), DRAIN_GRACE)
+                log.warning(
+                    "closed %d ingest connections still open after %ss", len(pending), DRAIN_GRACE
+                )
                 await asyncio.wait(pending)
 
     async def _final_snapshot(self) -> None:
@@ -213,7 +223,9 @@ class ShardWorker:
 
     # -- ingest over TCP ---------------------------------------------------------------------
 
-    async def _serve_ingest(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_ingest(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._ingest_tasks.add(task)
@@ -263,5 +275,3 @@ class ShardWorker:
                 asyncio.get_running_loop().call_later(0.05, self._stopped.set)
             return ShutdownDone()
         return ErrorReply(message=f"unexpected request {type(body).__name__}")
-
-

@@ -6,10 +6,10 @@ import datetime as dt
 
 import numpy as np
 
+from persistence.snapshot import SnapshotRow
 from sketches import DayAggregate, summarize
 from statsd_server.messages import Applied, StatsReply
 from statsd_server.newest_day import NO_DAY
-from persistence.snapshot import SnapshotRow
 
 _EPOCH = dt.date(1970, 1, 1)
 
@@ -124,9 +124,7 @@ class ShardStore:
         days = self.customers.get(customer_id)
         if days is None:
             return StatsReply(known=False, days=[], summary=None)
-        selected = sorted(
-            d for d in days if d >= first_day and (last_day is None or d <= last_day)
-        )
+        selected = sorted(d for d in days if d >= first_day and (last_day is None or d <= last_day))
         return StatsReply(
             known=True,
             days=[days[d].stats(day_to_date(d)) for d in selected],

@@ -7,6 +7,7 @@ accepting batches from its peers), then every shard writes its final snapshot an
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing as mp
 import shutil
@@ -16,6 +17,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -59,7 +61,7 @@ def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
 class _Child:
     """A supervised process and how to start it again."""
 
-    def __init__(self, name: str, target: object, args: tuple[object, ...]) -> None:
+    def __init__(self, name: str, target: Callable[..., None], args: tuple[object, ...]) -> None:
         self.name = name
         self.target = target
         self.args = args
@@ -108,7 +110,12 @@ class Supervisor:
                 return 1
             log.info(
                 "serving: http://%s:%d  tcp %s:%d  %d shards  data %s",
-                s.host, s.http_port, s.host, s.tcp_port, s.shards, s.data_dir,
+                s.host,
+                s.http_port,
+                s.host,
+                s.tcp_port,
+                s.shards,
+                s.data_dir,
             )
             if self.load:
                 threading.Thread(target=self._load_files, daemon=True).start()
@@ -151,7 +158,9 @@ class Supervisor:
                     log.error("%s failed to start: %s", child.name, message)
                     return False
                 if not child.process.is_alive():
-                    log.error("%s exited during start (code %s)", child.name, child.process.exitcode)
+                    log.error(
+                        "%s exited during start (code %s)", child.name, child.process.exitcode
+                    )
                     return False
                 if time.monotonic() > deadline:
                     log.error("%s did not start within %ss", child.name, START_TIMEOUT)
@@ -171,9 +180,13 @@ class Supervisor:
                     break
                 assert child.process is not None
                 child.process.join()
-                log.error("%s died (exit code %s); restarting it", child.name, child.process.exitcode)
+                log.error(
+                    "%s died (exit code %s); restarting it", child.name, child.process.exitcode
+                )
                 if not self._may_restart():
-                    log.error("more than %d restarts in %ss; stopping", MAX_RESTARTS, RESTART_WINDOW)
+                    log.error(
+                        "more than %d restarts in %ss; stopping", MAX_RESTARTS, RESTART_WINDOW
+                    )
                     return 1
                 self._start(child)
                 if not self._await_ready([child]):
@@ -199,7 +212,7 @@ class Supervisor:
         ok = True
         with ThreadPoolExecutor(max(1, len(shards))) as pool:
             for phase in (Drain(), Shutdown()):
-                ok &= all(pool.map(lambda c: self._control(c, phase), shards))
+                ok &= all(pool.map(functools.partial(self._control, body=phase), shards))
         for child in self._children:
             if child.process is None:
                 continue

@@ -86,10 +86,17 @@ class Server:
             raise
 
     def request(
-        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
     ) -> tuple[int, Any]:
         req = urllib.request.Request(
-            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method, headers=headers or {}
+            f"http://127.0.0.1:{self.http_port}{path}",
+            data=body,
+            method=method,
+            headers=headers or {},
         )
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:

@@ -55,9 +55,9 @@ def generate(args: argparse.Namespace) -> bytes:
     rng = np.random.default_rng(args.seed)
     n = args.lines
     if args.end_date is None:
-        end = int(dt.datetime.now(dt.timezone.utc).timestamp())
+        end = int(dt.datetime.now(dt.UTC).timestamp())
     else:
-        end = int(dt.datetime.combine(args.end_date, dt.time(23, 59, 59), dt.timezone.utc).timestamp())
+        end = int(dt.datetime.combine(args.end_date, dt.time(23, 59, 59), dt.UTC).timestamp())
     seconds = end - rng.integers(0, args.days * 86400 + 1, n)
     stamps = np.datetime_as_string(seconds.astype("datetime64[s]"), unit="s")
     customers = rng.integers(1, args.customers + 1, n)
@@ -73,7 +73,11 @@ def generate(args: argparse.Namespace) -> bytes:
         lines = [
             f"{ts[:10]} {ts[11:]} cust_{c} {PATHS[p]} {s} {d}"
             for ts, c, p, s, d in zip(
-                stamps.tolist(), customers.tolist(), paths.tolist(), statuses.tolist(), durations,
+                stamps.tolist(),
+                customers.tolist(),
+                paths.tolist(),
+                statuses.tolist(),
+                durations,
                 strict=True,
             )
         ]
@@ -82,7 +86,11 @@ def generate(args: argparse.Namespace) -> bytes:
             f'{{"timestamp": "{ts}Z", "customer_id": "cust_{c}", "request_path": "{PATHS[p]}",'
             f' "status_code": {s}, "duration": {d}}}'
             for ts, c, p, s, d in zip(
-                stamps.tolist(), customers.tolist(), paths.tolist(), statuses.tolist(), durations,
+                stamps.tolist(),
+                customers.tolist(),
+                paths.tolist(),
+                statuses.tolist(),
+                durations,
                 strict=True,
             )
         ]

@@ -26,7 +26,9 @@ def row(customer_id: str, day: int, durations: list[float]) -> SnapshotRow:
 customer_ids = st.text(min_size=1, max_size=20).filter(lambda s: not any(c.isspace() for c in s))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     st.dictionaries(
         st.tuples(customer_ids, st.integers(19000, 19030)),
@@ -81,7 +83,9 @@ def test_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
     db.write([row("a", 1, [1.0])], 0, 1)
     bad = SnapshotRow("b", 1, 1, 1, 0, 0, 1.0, "kll_doubles", None)  # type: ignore[arg-type]
     bad_twin = SnapshotRow("c", 1, 1, 1, 0, 0, 1.0, "kll_doubles", b"x")
-    db.db.execute("CREATE TRIGGER no_c BEFORE INSERT ON days WHEN NEW.customer_id = 'c' BEGIN SELECT RAISE(ABORT, 'boom'); END")
+    db.db.execute(
+        "CREATE TRIGGER no_c BEFORE INSERT ON days WHEN NEW.customer_id = 'c' BEGIN SELECT RAISE(ABORT, 'boom'); END"
+    )
     with pytest.raises(sqlite3.DatabaseError):
         db.write([bad, bad_twin], cutoff_day=5, newest_day=9)
     rows, newest = db.load(0, 1)

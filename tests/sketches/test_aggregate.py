@@ -114,8 +114,13 @@ def test_serialize_round_trip(values: list[float], k: int) -> None:
     durations = np.array(values, dtype=np.float64)
     agg = build(np.full(len(values), 503), durations, k)
     back = DayAggregate.restore(
-        agg.total, agg.successful, agg.client_errors, agg.server_errors, agg.duration_sum,
-        agg.sketch_bytes(), "kll_doubles",
+        agg.total,
+        agg.successful,
+        agg.client_errors,
+        agg.server_errors,
+        agg.duration_sum,
+        agg.sketch_bytes(),
+        "kll_doubles",
     )
     assert back.stats() == agg.stats()
     assert back.sketch_bytes() == agg.sketch_bytes()

@@ -24,31 +24,50 @@ def day(iso: str) -> int:
 # (line, expected): expected is a reason, None for a blank line, or
 # (customer_id, date, status, duration).
 VALID = [
-    ("2024-09-03 12:00:01 cust_1 /api/v1/resource1 200 0.316", ("cust_1", "2024-09-03", 200, 0.316)),
+    (
+        "2024-09-03 12:00:01 cust_1 /api/v1/resource1 200 0.316",
+        ("cust_1", "2024-09-03", 200, 0.316),
+    ),
     ("2024-09-03\t12:00:01\t\tcust_1  /a   500\t12", ("cust_1", "2024-09-03", 500, 12.0)),
     ("   2024-09-03 12:00:01 cust_1 /a 404 0.5   ", ("cust_1", "2024-09-03", 404, 0.5)),
     ("2024-09-03 12:00:01 cust_1 /a 404 0.5\r", ("cust_1", "2024-09-03", 404, 0.5)),
     ("2024-09-03 23:59:59.999999 c /a 100 0.000123", ("c", "2024-09-03", 100, 0.000123)),
     ("2024-02-29 00:00:00 c /a 599 0", ("c", "2024-02-29", 599, 0.0)),
     ("2000-02-29 00:00:00 c /a 301 0", ("c", "2000-02-29", 301, 0.0)),
-    ("2024-09-03 12:00:01 550e8400-e29b-41d4-a716-446655440000 / 201 1.0",
-     ("550e8400-e29b-41d4-a716-446655440000", "2024-09-03", 201, 1.0)),
+    (
+        "2024-09-03 12:00:01 550e8400-e29b-41d4-a716-446655440000 / 201 1.0",
+        ("550e8400-e29b-41d4-a716-446655440000", "2024-09-03", 201, 1.0),
+    ),
     ("2024-09-03 12:00:01 acme-corp.eu /x?y=1 200 1", ("acme-corp.eu", "2024-09-03", 200, 1.0)),
     ("2024-09-03 12:00:01 kunde_müller /x 200 1", ("kunde_müller", "2024-09-03", 200, 1.0)),
     ("2024-09-03 12:00:01 tenant:7/prod /x 200 1", ("tenant:7/prod", "2024-09-03", 200, 1.0)),
     ("2024-09-03 12:00:01 " + "x" * 128 + " /x 200 1", ("x" * 128, "2024-09-03", 200, 1.0)),
     ("2024-09-03 12:00:01 " + "ü" * 64 + " /x 200 1", ("ü" * 64, "2024-09-03", 200, 1.0)),
-    ("2024-09-03 12:00:01 c /x 200 123456789012.123456789",
-     ("c", "2024-09-03", 200, 123456789012.123456789)),
+    (
+        "2024-09-03 12:00:01 c /x 200 123456789012.123456789",
+        ("c", "2024-09-03", 200, 123456789012.123456789),
+    ),
     ("2024-09-03 12:00:01 c /x 200 0.1000000000000000000001", ("c", "2024-09-03", 200, 0.1)),
-    ('{"timestamp": "2024-09-03T12:00:01Z", "customer_id": "cust_1", "request_path": "/a",'
-     ' "status_code": 200, "duration": 0.316}', ("cust_1", "2024-09-03", 200, 0.316)),
-    ('{"timestamp": "2024-09-03T23:30:00-02:00", "customer_id": "c", "request_path": "/a",'
-     ' "status_code": 503, "duration": 2, "extra": [1, {"x": null}]}', ("c", "2024-09-04", 503, 2.0)),
-    ('  {"timestamp": "2024-09-03T00:30:00+02:00", "customer_id": "kunde_müller",'
-     ' "request_path": "/a", "status_code": 100, "duration": 0}', ("kunde_müller", "2024-09-02", 100, 0.0)),
-    ('{"timestamp": "2024-09-03T12:00:01.5", "customer_id": "c", "request_path": "/a",'
-     ' "status_code": 200, "duration": 1e-3}', ("c", "2024-09-03", 200, 0.001)),
+    (
+        '{"timestamp": "2024-09-03T12:00:01Z", "customer_id": "cust_1", "request_path": "/a",'
+        ' "status_code": 200, "duration": 0.316}',
+        ("cust_1", "2024-09-03", 200, 0.316),
+    ),
+    (
+        '{"timestamp": "2024-09-03T23:30:00-02:00", "customer_id": "c", "request_path": "/a",'
+        ' "status_code": 503, "duration": 2, "extra": [1, {"x": null}]}',
+        ("c", "2024-09-04", 503, 2.0),
+    ),
+    (
+        '  {"timestamp": "2024-09-03T00:30:00+02:00", "customer_id": "kunde_müller",'
+        ' "request_path": "/a", "status_code": 100, "duration": 0}',
+        ("kunde_müller", "2024-09-02", 100, 0.0),
+    ),
+    (
+        '{"timestamp": "2024-09-03T12:00:01.5", "customer_id": "c", "request_path": "/a",'
+        ' "status_code": 200, "duration": 1e-3}',
+        ("c", "2024-09-03", 200, 0.001),
+    ),
 ]
 
 J = '{"timestamp": %s, "customer_id": %s, "request_path": %s, "status_code": %s, "duration": %s}'
@@ -56,7 +75,13 @@ GOOD = ('"2024-09-03T12:00:01Z"', '"c"', '"/a"', "200", "0.5")
 
 
 def json_line(**override: str) -> str:
-    values = dict(zip(("timestamp", "customer_id", "request_path", "status_code", "duration"), GOOD, strict=True))
+    values = dict(
+        zip(
+            ("timestamp", "customer_id", "request_path", "status_code", "duration"),
+            GOOD,
+            strict=True,
+        )
+    )
     values.update(override)
     return J % tuple(values.values())
 
@@ -165,8 +190,11 @@ def test_whole_table_in_one_chunk_in_random_order() -> None:
     got = sorted(
         (chunk.customers[c], (EPOCH + dt.timedelta(days=d)).isoformat(), s, u)
         for c, d, s, u in zip(
-            chunk.customer.tolist(), chunk.day.tolist(), chunk.status.tolist(),
-            chunk.duration.tolist(), strict=True,
+            chunk.customer.tolist(),
+            chunk.day.tolist(),
+            chunk.status.tolist(),
+            chunk.duration.tolist(),
+            strict=True,
         )
     )
     assert got == expected_valid
@@ -222,7 +250,7 @@ def test_framer_drops_overlong_lines_without_buffering_them() -> None:
 
 def test_future_and_expired_rules() -> None:
     """More than a day ahead of the clock is `future`; older than newest - retention is `expired`."""
-    now = dt.datetime(2024, 9, 10, 12, 0, tzinfo=dt.timezone.utc).timestamp()
+    now = dt.datetime(2024, 9, 10, 12, 0, tzinfo=dt.UTC).timestamp()
     lines = [
         "2024-09-11 11:59:59 c /a 200 1",  # within a day ahead: fine, becomes newest
         "2024-09-11 12:00:01 c /a 200 1",  # more than a day ahead
@@ -238,7 +266,7 @@ def test_future_and_expired_rules() -> None:
 
 # -- the vectorised path and the exact path agree ---------------------------------------------
 
-_field_chars = st.sampled_from(list("0123456789-:./ \tabcxyz_{}\"éü\x00\r+e"))
+_field_chars = st.sampled_from(list('0123456789-:./ \tabcxyz_{}"éü\x00\r+e'))
 
 
 @st.composite
@@ -251,7 +279,22 @@ def almost_valid_lines(draw: st.DrawFn) -> bytes:
         draw(st.text(st.sampled_from(list("abc_-:/.éü")), min_size=1, max_size=130)),
         draw(st.sampled_from(["/", "/a/b", "a", "/ü"])),
         str(draw(st.integers(0, 1000))),
-        draw(st.sampled_from(["0", "1.5", "0.000123", "12", "1.", ".5", "1e3", "123456789012345", "1234567890123456", "0.1234567890123456789"])),
+        draw(
+            st.sampled_from(
+                [
+                    "0",
+                    "1.5",
+                    "0.000123",
+                    "12",
+                    "1.",
+                    ".5",
+                    "1e3",
+                    "123456789012345",
+                    "1234567890123456",
+                    "0.1234567890123456789",
+                ]
+            )
+        ),
     ]
     line = draw(st.sampled_from([" ", "\t", "  "])).join(fields)
     if draw(st.booleans()):
@@ -278,8 +321,12 @@ def test_chunk_parser_matches_line_parser(lines: list[bytes]) -> None:
     got = [
         (chunk.customers[c], d, s, st_, u)
         for c, d, s, st_, u in zip(
-            chunk.customer.tolist(), chunk.day.tolist(), chunk.second.tolist(),
-            chunk.status.tolist(), chunk.duration.tolist(), strict=True,
+            chunk.customer.tolist(),
+            chunk.day.tolist(),
+            chunk.second.tolist(),
+            chunk.status.tolist(),
+            chunk.duration.tolist(),
+            strict=True,
         )
     ]
     assert sorted(got) == sorted(expected_ok)
@@ -296,7 +343,10 @@ def test_fast_durations_are_correctly_rounded(values: list[tuple[int, int]]) -> 
         texts.append(s[: len(s) - frac] + ("." + s[len(s) - frac :] if frac else ""))
     data = "".join(f"2024-09-03 12:00:01 c{i} /a 200 {t}\n" for i, t in enumerate(texts)).encode()
     chunk = parse_chunk(data)
-    got = {chunk.customers[c]: u for c, u in zip(chunk.customer.tolist(), chunk.duration.tolist(), strict=True)}
+    got = {
+        chunk.customers[c]: u
+        for c, u in zip(chunk.customer.tolist(), chunk.duration.tolist(), strict=True)
+    }
     assert got == {f"c{i}": float(t) for i, t in enumerate(texts)}
 
 

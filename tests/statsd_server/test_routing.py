@@ -12,7 +12,11 @@ from statsd_server.parse import parse_chunk
 from statsd_server.routing import Router, customer_key, shard_for
 
 # Fixed forever: changing them would move customers between shards after an upgrade.
-GOLDEN = {"cust_1": 1027931566186603914, "kunde_müller": 8045684035607676412, "tenant:7/prod": 3578479782078340252}
+GOLDEN = {
+    "cust_1": 1027931566186603914,
+    "kunde_müller": 8045684035607676412,
+    "tenant:7/prod": 3578479782078340252,
+}
 
 
 def test_keys_are_golden_values() -> None:
@@ -28,7 +32,9 @@ def test_same_shards_under_other_hash_seeds() -> None:
         out = subprocess.run(
             [sys.executable, "-c", code, *ids],
             env={**os.environ, "PYTHONHASHSEED": seed},
-            capture_output=True, text=True, check=True,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
         assert out.strip() == str([shard_for(c, 7) for c in ids])
 
@@ -42,7 +48,9 @@ def test_shards_are_balanced() -> None:
 def test_split_keeps_every_request_with_its_owner() -> None:
     """Splitting a chunk by shard loses nothing and sends each customer to its owner only."""
     ids = [f"c{i % 37}" for i in range(500)]
-    chunk = parse_chunk("".join(f"2024-09-03 12:00:01 {c} /a 200 {i}\n" for i, c in enumerate(ids)).encode())
+    chunk = parse_chunk(
+        "".join(f"2024-09-03 12:00:01 {c} /a 200 {i}\n" for i, c in enumerate(ids)).encode()
+    )
     parts = Router(3).split(chunk)
     seen = []
     for shard, part in parts.items():

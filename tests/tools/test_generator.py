@@ -26,7 +26,7 @@ def test_brief_interface_writes_the_file(tmp_path: Path) -> None:
     run(str(out), "2000")
     lines = out.read_text().splitlines()
     assert len(lines) == 2000
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     for line in lines:
         date, time, cust, path, status, duration = line.split(" ")
         ts = dt.datetime.fromisoformat(f"{date}T{time}+00:00")
@@ -46,8 +46,20 @@ def test_seed_makes_output_reproducible() -> None:
 
 def test_json_format_and_options() -> None:
     """--format json writes one object per line with the five fields, within the options."""
-    out = run("-", "300", "--format", "json", "--customers", "3", "--days", "2",
-              "--end-date", "2024-09-30", "--latency", "lognormal")
+    out = run(
+        "-",
+        "300",
+        "--format",
+        "json",
+        "--customers",
+        "3",
+        "--days",
+        "2",
+        "--end-date",
+        "2024-09-30",
+        "--latency",
+        "lognormal",
+    )
     for line in out.splitlines():
         rec = json.loads(line)
         assert set(rec) == {"timestamp", "customer_id", "request_path", "status_code", "duration"}

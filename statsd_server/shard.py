@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Coroutine
@@ -108,7 +109,8 @@ class ShardWorker:
         self.store.restore(rows, NO_DAY if newest is None else newest)
         self._newest_day.publish(self.store.newest_day)
         log.info(
-            "restored %d customer-days of %d customers from %s",
+            "pid %d: restored %d customer-days of %d customers from %s",
+            os.getpid(),
             self.store.customer_days,
             len(self.store.customers),
             self._db.path,

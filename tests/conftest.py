@@ -47,8 +47,8 @@ class Server:
             STATS_SHARDS=str(self.shards),
             STATS_DATA_DIR=str(self.data_dir),
             STATS_SNAPSHOT_INTERVAL="60",
-            **self.env_extra,
         )
+        env.update(self.env_extra)
         self.log_path = self.data_dir.parent / f"server-{self.http_port}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(

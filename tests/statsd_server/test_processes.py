@@ -1,0 +1,152 @@
+"""The process tree: start-up errors, a shard that stops answering, a shard that dies."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from statsd_server.routing import shard_for
+from tests.conftest import Server, free_port
+
+
+def serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run `statsd-server serve` expecting it to stop by itself."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("STATS_")}
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "statsd_server",
+            "serve",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--http-port",
+            str(free_port()),
+            "--tcp-port",
+            str(free_port()),
+            *args,
+        ],
+        env={**clean, **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_invalid_setting_stops_the_start_naming_it(tmp_path: Path) -> None:
+    """An invalid env var or flag exits 2 with one line naming the variable."""
+    for args, env, name in (
+        ((), {"STATS_SHARDS": "zero"}, "STATS_SHARDS"),
+        (("--kll-k", "3"), {}, "STATS_KLL_K"),
+    ):
+        result = serve(tmp_path, *args, **env)
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and name in result.stderr, result.stderr
+
+
+def test_dotenv_file_is_read(tmp_path: Path) -> None:
+    """A .env file in the working directory counts as configuration."""
+    (tmp_path / ".env").write_text("STATS_RETENTION_DAYS=minus one\n")
+    result = serve(tmp_path)
+    assert result.returncode == 2 and "STATS_RETENTION_DAYS" in result.stderr
+
+
+def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
+    """A taken HTTP port stops the start with a message naming it."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve(tmp_path, "--http-port", str(port))
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_corrupt_snapshot_is_named_and_kept(tmp_path: Path) -> None:
+    """A database file that is not SQLite stops the start; the file is left untouched."""
+    data = tmp_path / "data"
+    data.mkdir()
+    junk = b"not a database at all " * 500
+    (data / "stats.db").write_bytes(junk)
+    result = serve(tmp_path)
+    assert result.returncode == 1
+    assert str(data / "stats.db") in result.stderr
+    assert (data / "stats.db").read_bytes() == junk
+
+
+def shard_pids(server: Server) -> dict[int, int]:
+    """Shard index -> pid of its latest start, from the server log."""
+    pids = {}
+    for m in re.finditer(r"\[shard-(\d+)\] statsd_server\.shard: pid (\d+):", server.log()):
+        pids[int(m[1])] = int(m[2])
+    return pids
+
+
+def owned_customers(shards: int) -> dict[int, str]:
+    """One customer id per shard."""
+    found: dict[int, str] = {}
+    i = 0
+    while len(found) < shards:
+        found.setdefault(shard_for(f"cust_{i}", shards), f"cust_{i}")
+        i += 1
+    return found
+
+
+@pytest.mark.slow
+def test_unresponsive_shard_gives_503_not_wrong_numbers(server_factory: Any) -> None:
+    """A frozen shard makes /ready 503 naming it and its customers 503; others keep answering."""
+    server: Server = server_factory(shards=2)
+    owners = owned_customers(2)
+    day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+    lines = "".join(f"{day} 12:00:00 {c} /a 200 0.5\n" for c in owners.values())
+    assert server.send_tcp(lines.encode())["accepted"] == 2
+    pid = shard_pids(server)[1]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        status, body = server.get("/ready")
+        assert status == 503 and body["missing_shards"] == [1] and "1" in body["error"]
+        status, body = server.get(f"/customers/{owners[1]}/stats?from={day}")
+        assert status == 503 and "shard 1" in body["error"]
+        status, body = server.get(f"/customers/{owners[0]}/stats?from={day}")
+        assert status == 200 and body["summary"]["total_requests"] == 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert server.get("/ready")[0] == 200
+    status, body = server.get(f"/customers/{owners[1]}/stats?from={day}")
+    assert status == 200 and body["summary"]["total_requests"] == 1
+
+
+@pytest.mark.slow
+def test_killed_shard_is_restarted_from_its_snapshot(server_factory: Any) -> None:
+    """SIGKILL of a shard: the supervisor restarts it and it answers from its last snapshot."""
+    server: Server = server_factory(shards=2, STATS_SNAPSHOT_INTERVAL="0.2")
+    owners = owned_customers(2)
+    day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+    lines = "".join(f"{day} 12:00:00 {c} /a 503 0.25\n" for c in owners.values() for _ in range(3))
+    assert server.send_tcp(lines.encode())["accepted"] == 6
+    time.sleep(1.0)  # several snapshot intervals
+    old = shard_pids(server)[0]
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        pid = shard_pids(server).get(0)
+        if pid != old and server.get("/ready")[0] == 200:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"shard 0 not restarted:\n{server.log()}")
+    assert "shard-0 died" in server.log()
+    status, body = server.get(f"/customers/{owners[0]}/stats?from={day}")
+    assert status == 200
+    assert (body["summary"]["total_requests"], body["summary"]["server_errors"]) == (3, 3)
+    assert server.stop() == 0

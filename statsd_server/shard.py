@@ -99,6 +99,7 @@ class ShardWorker:
         self._shutting_down = False
         self.exit_code = 0
         self._background: set[asyncio.Task[None]] = set()
+        self._peers: set[asyncio.StreamWriter] = set()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -132,7 +133,14 @@ class ShardWorker:
         snapshots.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await snapshots
+        # Close the peers' connections so their handlers end before the loop does.
         unix_server.close()
+        for peer in list(self._peers):
+            peer.close()
+        for _ in range(100):
+            if not self._peers:
+                break
+            await asyncio.sleep(0.01)
         for client in self._clients:
             await client.close()
         loop.remove_reader(self._parent.fileno())
@@ -253,7 +261,11 @@ class ShardWorker:
     # -- requests from the front, other shards and the supervisor ----------------------------
 
     async def _serve_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await serve_connection(reader, writer, self._handle, self._codec)
+        self._peers.add(writer)
+        try:
+            await serve_connection(reader, writer, self._handle, self._codec)
+        finally:
+            self._peers.discard(writer)
 
     async def _handle(self, body: Body) -> Body:
         if isinstance(body, ApplyBatch):

@@ -12,7 +12,7 @@ import msgspec
 
 from statsd_server import __version__
 from statsd_server.config import SETTING_HELP, Settings, env_name
-from statsd_server.errors import StatsServerError
+from statsd_server.errors import ConfigError, StatsServerError
 from statsd_server.loader import default_connections, load_files
 
 F = Callable[..., Any]
@@ -71,6 +71,9 @@ def serve(load: tuple[Path, ...], **flags: str | None) -> None:
     configure(settings.log_level, "supervisor")
     try:
         code = Supervisor(settings, load).run()
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        code = 2
     except StatsServerError as exc:
         click.echo(f"error: {exc}", err=True)
         code = 1

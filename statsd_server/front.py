@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import re
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 QUERY_TIMEOUT = 10.0
 PING_TIMEOUT = 2.0
+# How long POSTs in flight may take to finish when the server stops.
+DRAIN_GRACE = 10.0
 INGEST_CONTENT_TYPES = ("text/plain", "application/x-ndjson", "application/octet-stream")
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
@@ -39,6 +42,7 @@ SETTINGS = web.AppKey("settings", Settings)
 CLIENTS = web.AppKey("clients", list[ShardClient])
 ROUTER = web.AppKey("router", Router)
 NEWEST_DAY = web.AppKey("newest_day", NewestDay)
+INGESTS = web.AppKey("ingests", set[asyncio.Task[object]])
 
 
 class StatsResponse(msgspec.Struct):
@@ -66,7 +70,7 @@ class BadRequest(Exception):
 def _parse_date(params: dict[str, str] | object, name: str, required: bool) -> dt.date | None:
     assert hasattr(params, "get")
     raw = params.get(name)
-    if raw is None or raw == "":
+    if raw is None or (raw == "" and required):
         if required:
             raise BadRequest(f"missing required query parameter '{name}' (YYYY-MM-DD)")
         return None
@@ -123,6 +127,9 @@ async def ingest(request: web.Request) -> web.Response:
             + " or ".join(INGEST_CONTENT_TYPES),
         )
     app = request.app
+    task = asyncio.current_task()
+    assert task is not None
+    app[INGESTS].add(task)
     session = IngestSession(
         app[ROUTER], Dispatcher(app[CLIENTS]), app[NEWEST_DAY], app[SETTINGS].retention_days
     )
@@ -133,6 +140,8 @@ async def ingest(request: web.Request) -> web.Response:
     except ShardUnavailable as exc:
         await session.abort()
         return _error(503, str(exc))
+    finally:
+        app[INGESTS].discard(task)
     return _json(summary)
 
 
@@ -173,6 +182,7 @@ def create_app(settings: Settings, runtime_dir: Path, slot: int | None = None) -
     app = web.Application(middlewares=[json_errors])
     app[SETTINGS] = settings
     app[ROUTER] = Router(settings.shards)
+    app[INGESTS] = set()
     app[NEWEST_DAY] = NewestDay(
         runtime_dir / "newest_day", settings.shards if slot is None else slot
     )
@@ -197,8 +207,10 @@ def create_app(settings: Settings, runtime_dir: Path, slot: int | None = None) -
 def run(
     settings: Settings, http_sock: socket.socket, runtime_dir: Path, parent: Connection
 ) -> None:
-    """Process entry point (spawned by the supervisor)."""
+    """Process entry point (spawned by the supervisor); stops on a message or EOF on `parent`."""
+    # Only the supervisor acts on signals sent to the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.configure(settings.log_level, "front")
     uvloop.run(_serve(settings, http_sock, runtime_dir, parent))
 
@@ -206,22 +218,29 @@ def run(
 async def _serve(
     settings: Settings, http_sock: socket.socket, runtime_dir: Path, parent: Connection
 ) -> None:
-    runner = web.AppRunner(create_app(settings, runtime_dir), access_log=None)
+    app = create_app(settings, runtime_dir)
+    runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.SockSite(runner, http_sock).start()
+    site = web.SockSite(runner, http_sock)
+    await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
 
     def parent_message() -> None:
-        try:
+        # "stop" from the supervisor, or EOF if it is gone: either way, stop.
+        with contextlib.suppress(EOFError, OSError):
             parent.recv()
-        except (EOFError, OSError):
-            loop.remove_reader(parent.fileno())
-            stop.set()
+        loop.remove_reader(parent.fileno())
+        stop.set()
 
     loop.add_reader(parent.fileno(), parent_message)
     parent.send(("ready", None))
     await stop.wait()
-    loop.remove_reader(parent.fileno())
+    # Stop listening, let POSTs in flight finish (their shards are still up), then close.
+    await site.stop()
+    ingests = app[INGESTS]
+    if ingests:
+        _, pending = await asyncio.wait(set(ingests), timeout=DRAIN_GRACE)
+        if pending:
+            log.warning("%d POST /ingest still open after %ss; closing", len(pending), DRAIN_GRACE)
     await runner.cleanup()

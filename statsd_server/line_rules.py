@@ -42,6 +42,7 @@ _TIME = re.compile(r"([0-9]{2}):([0-9]{2}):([0-9]{2})(?:\.[0-9]+)?")
 _STATUS = re.compile(r"[0-9]{3}")
 _DURATION = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 _EPOCH = dt.date(1970, 1, 1)
+_FIRST_SECOND = (dt.date(1, 1, 1) - _EPOCH).days * SECONDS_PER_DAY
 
 
 class Request(NamedTuple):
@@ -150,6 +151,8 @@ def _parse_json(raw: bytes) -> Request | str:
     try:
         second = math.floor(ts.timestamp())
     except (OverflowError, ValueError):
+        return "timestamp"
+    if second < _FIRST_SECOND:  # an offset moved it before 0001-01-01 UTC
         return "timestamp"
     if customer_id_problem(record.customer_id) is not None:
         return "customer_id"

@@ -46,10 +46,9 @@ class ApplyBatch(msgspec.Struct, tag="apply", array_like=True):
 
 
 class Applied(msgspec.Struct, tag="applied", array_like=True):
-    """How many requests of a batch were applied, and how many had expired meanwhile."""
+    """A batch was applied; `stored` of its requests were within retention when it arrived."""
 
-    applied: int
-    expired: int
+    stored: int
 
 
 class StatsQuery(msgspec.Struct, tag="stats", array_like=True):

@@ -20,7 +20,6 @@ from statsd_server.line_rules import (
     Request,
     parse_line,
 )
-from statsd_server.newest_day import NO_DAY
 
 _SPACE, _TAB, _NL, _CR = 32, 9, 10, 13
 _DIGIT0, _DOT, _DASH, _COLON, _SLASH, _BRACE = 48, 46, 45, 58, 47, 123
@@ -118,16 +117,17 @@ def parse_chunk(data: bytes) -> ParsedChunk:
     fast = _parse_fast(buf, tok_start, tok_end, first_token[cand_lines])
     fast_lines = cand_lines[fast.ok]
 
-    slow_mask = ~blank
-    slow_mask[fast_lines] = False
     rejected: Counter[str] = Counter()
-    n_too_long = int(np.count_nonzero(too_long & slow_mask))
+    # Length comes first: an overlong line is rejected even if it is only whitespace.
+    n_too_long = int(np.count_nonzero(too_long))
     if n_too_long:
         rejected["too_long"] = n_too_long
-    slow_mask &= ~too_long
+    slow_mask = ~blank & ~too_long
+    slow_mask[fast_lines] = False
     slow_requests: list[Request] = []
+    # The exact path gets the line with its \r, if any, and strips it itself.
     for start, end in zip(
-        line_start[slow_mask].tolist(), content_end[slow_mask].tolist(), strict=True
+        line_start[slow_mask].tolist(), line_end[slow_mask].tolist(), strict=True
     ):
         result = parse_line(data[start:end])
         if result is None:
@@ -341,26 +341,33 @@ def apply_time_rules(
 ) -> tuple[ParsedChunk, int]:
     """Reject `future` and `expired` requests; return the kept ones and the newest day seen.
 
-    `newest_day` is the newest event day known before this chunk; the chunk's own days count
-    too, so a chunk never keeps lines that its own newer lines push out of retention.
+    Each line is judged against the newest day seen before it: `newest_day` (known before
+    this chunk) and the days of the chunk's earlier lines. This is what a line-by-line
+    reader would do, so the outcome does not depend on how the stream was cut into chunks.
+    A kept line whose day a later line pushes out of retention is dropped with its day.
     """
     rejected = chunk.rejected
     future = chunk.second > int(now) + SECONDS_PER_DAY
     n_future = int(np.count_nonzero(future))
     if n_future:
         rejected["future"] += n_future
-        kept = chunk.take(~future)
-        kept.rejected = rejected
-        chunk = kept
-    if len(chunk):
-        newest_day = max(newest_day, int(chunk.day.max()))
-    if newest_day == NO_DAY:
+        chunk = chunk.take(~future)
+        chunk.rejected = rejected
+    if not len(chunk):
         return chunk, newest_day
-    expired = chunk.day < newest_day - retention_days
+    # NO_DAY is int64's minimum; clamp so "newest - retention" cannot wrap around.
+    known = max(newest_day, _DAY_FLOOR)
+    running = np.maximum.accumulate(chunk.day.astype(np.int64))
+    newest_before = np.empty_like(running)
+    newest_before[0] = known
+    np.maximum(running[:-1], known, out=newest_before[1:])
+    expired = chunk.day < newest_before - retention_days
     n_expired = int(np.count_nonzero(expired))
     if n_expired:
         rejected["expired"] += n_expired
-        kept = chunk.take(~expired)
-        kept.rejected = rejected
-        chunk = kept
-    return chunk, newest_day
+        chunk = chunk.take(~expired)
+        chunk.rejected = rejected
+    return chunk, max(newest_day, int(running[-1]))
+
+
+_DAY_FLOOR = -(2**40)

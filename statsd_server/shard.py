@@ -56,8 +56,10 @@ def run(
     settings: Settings, index: int, tcp_sock: socket.socket, runtime_dir: Path, parent: Connection
 ) -> None:
     """Process entry point (spawned by the supervisor)."""
-    # Ctrl-C reaches the whole process group; the supervisor decides what happens.
+    # Signals to the whole process group (Ctrl-C, systemd, `timeout`) reach every process;
+    # only the supervisor acts on them, so the shutdown keeps its order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.configure(settings.log_level, f"shard-{index}")
     worker = ShardWorker(settings, index, tcp_sock, runtime_dir, parent)
     try:
@@ -123,7 +125,6 @@ class ShardWorker:
         self._tcp_server = await asyncio.start_server(
             self._serve_ingest, sock=self._tcp_sock, limit=READ_SIZE
         )
-        loop.add_signal_handler(signal.SIGTERM, self._on_sigterm)
         # The supervisor holds the other end of this pipe; EOF means it is gone.
         loop.add_reader(self._parent.fileno(), self._on_parent_message)
         snapshots = asyncio.create_task(self._snapshot_loop())
@@ -149,10 +150,6 @@ class ShardWorker:
         log.info("stopped")
 
     # -- lifecycle ---------------------------------------------------------------------------
-
-    def _on_sigterm(self) -> None:
-        log.info("SIGTERM: draining, final snapshot, exit")
-        self._spawn(self._stop_alone())
 
     def _on_parent_message(self) -> None:
         try:

@@ -64,13 +64,15 @@ class ShardStore:
         duration: np.ndarray,
         newest_day: int,
     ) -> Applied:
-        """Fold a batch of requests into the aggregates, one sketch update per customer-day."""
+        """Fold a batch of requests into the aggregates, one sketch update per customer-day.
+
+        Requests for days that left retention since they were accepted (a newer line arrived
+        meanwhile, possibly on another connection) are dropped, as their day is.
+        """
         self.advance(newest_day)
-        expired = 0
         if len(day) and self.newest_day != NO_DAY:
             keep = day >= self.cutoff_day
-            expired = int(len(day) - np.count_nonzero(keep))
-            if expired:
+            if not keep.all():
                 customer, day, status, duration = (
                     customer[keep],
                     day[keep],
@@ -79,7 +81,7 @@ class ShardStore:
                 )
         n = len(day)
         if n == 0:
-            return Applied(applied=0, expired=expired)
+            return Applied(stored=0)
         first_day = int(day.min())
         span = int(day.max()) - first_day + 1
         key = customer.astype(np.int64) * span + (day.astype(np.int64) - first_day)
@@ -117,7 +119,7 @@ class ShardStore:
                 durations[start:end],
             )
             dirty.add((customer_id, d))
-        return Applied(applied=n, expired=expired)
+        return Applied(stored=n)
 
     def query(self, customer_id: str, first_day: int, last_day: int | None) -> StatsReply:
         """Per-day stats in [first_day, last_day] and their merged summary."""

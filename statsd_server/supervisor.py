@@ -7,6 +7,7 @@ accepting batches from its peers), then every shard writes its final snapshot an
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import multiprocessing as mp
@@ -28,7 +29,7 @@ import msgspec
 from persistence.snapshot import SnapshotDB
 from statsd_server import front, newest_day, shard
 from statsd_server.config import Settings
-from statsd_server.errors import StatsServerError
+from statsd_server.errors import ConfigError, StatsServerError
 from statsd_server.loader import load_files
 from statsd_server.messages import Drain, ErrorReply, Shutdown
 from statsd_server.rpc import blocking_request, socket_path
@@ -79,15 +80,21 @@ class Supervisor:
         self._restarts: deque[float] = deque()
         self._children: list[_Child] = []
         self._runtime_dir = Path()
+        self._sockets: list[socket.socket] = []
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; the exit code."""
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            s.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"STATS_DATA_DIR={str(s.data_dir)!r} is invalid: {exc.strerror}"
+            ) from None
         SnapshotDB(s.data_dir).close()  # a broken database stops the start here, named
         runtime_dir = self._runtime_dir = Path(tempfile.mkdtemp(prefix="statsd-server-"))
         newest_day.create(runtime_dir / "newest_day", s.shards + 1)
-        sockets: list[socket.socket] = []
+        sockets = self._sockets
         try:
             sockets.append(_listen(s.host, s.http_port, reuse_port=False))
             for _ in range(s.shards):
@@ -203,16 +210,22 @@ class Supervisor:
     def _stop_all(self) -> bool:
         """Front first, then drain every shard, then final snapshots."""
         log.info("stopping")
+        # Our copies of the listening sockets would keep accepting into a backlog nobody reads.
+        for sock in self._sockets:
+            sock.close()
         shards = [c for c in self._children if c.name.startswith("shard-") and _alive(c)]
         for child in self._children:
             if child.name == "front" and _alive(child):
-                assert child.process is not None
-                child.process.terminate()
+                assert child.process is not None and child.conn is not None
+                with contextlib.suppress(OSError):
+                    child.conn.send("stop")
                 child.process.join(STOP_TIMEOUT)
         ok = True
         with ThreadPoolExecutor(max(1, len(shards))) as pool:
             for phase in (Drain(), Shutdown()):
-                ok &= all(pool.map(functools.partial(self._control, body=phase), shards))
+                # list() first: all() would stop at the first failure and skip the rest.
+                results = list(pool.map(functools.partial(self._control, body=phase), shards))
+                ok &= all(results)
         for child in self._children:
             if child.process is None:
                 continue

@@ -57,6 +57,7 @@ class Server:
                 cwd=self.data_dir.parent,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, as under systemd or docker
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -130,6 +130,7 @@ INVALID = [
     ("2024-09-03 12:00:01 c /a 200 1_000", "duration"),
     ("2024-09-03 12:00:01 c /a 200 ١", "duration"),
     ("2024-09-03 12:00:01 c /a 200 " + "9" * 400, "duration"),
+    ("2024-09-03 12:00:01 c /a 200 0.316\r\r", "duration"),
     ("{not json", "json"),
     ('{"timestamp": "2024-09-03T12:00:01Z"} trailing', "json"),
     (json_line()[:-1], "json"),
@@ -139,6 +140,7 @@ INVALID = [
     (json_line(timestamp='"2024-09-03"'), "timestamp"),
     (json_line(timestamp='"2024-02-30T00:00:00Z"'), "timestamp"),
     (json_line(timestamp="1725364801"), "timestamp"),
+    (json_line(timestamp='"0001-01-01T00:30:00+01:00"'), "timestamp"),
     (json_line(customer_id='""'), "customer_id"),
     (json_line(customer_id='"a b"'), "customer_id"),
     (json_line(customer_id="7"), "customer_id"),
@@ -231,6 +233,7 @@ def test_lines_over_4kb_are_too_long() -> None:
     assert len(parse_chunk(fits + b"\r\n")) == 1
     too = base + b"a" * (4097 - len(base) - len(tail)) + tail
     assert dict(parse_chunk(too + b"\n").rejected) == {"too_long": 1}
+    assert dict(parse_chunk(b" " * 5000 + b"\n").rejected) == {"too_long": 1}
 
 
 def test_framer_drops_overlong_lines_without_buffering_them() -> None:
@@ -357,3 +360,30 @@ def test_many_customers_hash_grouping_is_exact() -> None:
     chunk = parse_chunk("".join(f"2024-09-03 12:00:01 {c} /a 200 1\n" for c in ids).encode())
     assert [chunk.customers[i] for i in chunk.customer.tolist()] == ids
     assert len(set(chunk.customers)) == len(chunk.customers)
+
+
+def test_time_rules_do_not_depend_on_chunking() -> None:
+    """Cutting the same stream into chunks anywhere gives the same accepted and rejected lines."""
+    lines = [
+        b"2024-08-01 00:00:00 a /x 200 1",  # fine at first ...
+        b"2024-09-10 00:00:00 b /x 200 1",  # ... then the window moves to 08-11
+        b"2024-08-05 00:00:00 c /x 200 1",  # expired now
+        b"2024-08-20 00:00:00 d /x 200 1",
+        b"2024-09-11 00:00:00 e /x 200 1",
+        b"2024-08-11 00:00:00 f /x 200 1",  # expired (window starts 08-12)
+        b"2024-08-12 00:00:00 g /x 200 1",
+    ]
+    now = dt.datetime(2024, 9, 11, tzinfo=dt.UTC).timestamp()
+    outcomes = set()
+    for cut in range(len(lines) + 1):
+        for cut2 in range(cut, len(lines) + 1):
+            newest, kept, rejected = day("2024-07-20"), [], {}
+            for part in (lines[:cut], lines[cut:cut2], lines[cut2:]):
+                chunk, newest = apply_time_rules(
+                    parse_chunk(b"\n".join(part) + b"\n"), now, newest, 30
+                )
+                kept += [chunk.customers[i] for i in chunk.customer.tolist()]
+                for k, v in chunk.rejected.items():
+                    rejected[k] = rejected.get(k, 0) + v
+            outcomes.add((tuple(sorted(kept)), tuple(sorted(rejected.items())), newest))
+    assert outcomes == {(("a", "b", "d", "e", "g"), (("expired", 2),), day("2024-09-11"))}

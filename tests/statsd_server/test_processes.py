@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import signal
@@ -9,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,14 @@ def test_dotenv_file_is_read(tmp_path: Path) -> None:
     (tmp_path / ".env").write_text("STATS_RETENTION_DAYS=minus one\n")
     result = serve(tmp_path)
     assert result.returncode == 2 and "STATS_RETENTION_DAYS" in result.stderr
+
+
+def test_data_dir_that_is_a_file_is_named(tmp_path: Path) -> None:
+    """STATS_DATA_DIR pointing at a file stops the start with one line naming it."""
+    (tmp_path / "afile").write_text("x")
+    result = serve(tmp_path, "--data-dir", str(tmp_path / "afile"))  # the last flag wins
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "STATS_DATA_DIR" in result.stderr, result.stderr
 
 
 def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
@@ -150,3 +161,63 @@ def test_killed_shard_is_restarted_from_its_snapshot(server_factory: Any) -> Non
     assert status == 200
     assert (body["summary"]["total_requests"], body["summary"]["server_errors"]) == (3, 3)
     assert server.stop() == 0
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_still_drains_in_order(server_factory: Any) -> None:
+    """SIGTERM to every process at once (systemd, docker): open connections finish, exit 0."""
+    server: Server = server_factory(shards=2)
+    owners = owned_customers(2)
+    day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+    line = "".join(f"{day} 12:00:00 {c} /a 200 0.5\n" for c in owners.values()).encode()
+    assert server.proc is not None
+    with socket.create_connection(("127.0.0.1", server.tcp_port), timeout=30) as sock:
+        sock.sendall(line)
+        time.sleep(0.3)
+        os.killpg(server.proc.pid, signal.SIGTERM)
+        time.sleep(0.5)  # the drain has begun; this connection may still finish
+        sock.sendall(line * 3)
+        sock.shutdown(socket.SHUT_WR)
+        reply = sock.makefile("rb").readline()
+    assert json.loads(reply) == {"accepted": 8, "rejected": 0, "rejected_by_reason": {}}
+    assert server.proc.wait(60) == 0, server.log()
+    restarted: Server = server_factory(shards=2)
+    for customer in owners.values():
+        status, body = restarted.get(f"/customers/{customer}/stats?from={day}")
+        assert status == 200 and body["summary"]["total_requests"] == 4
+
+
+@pytest.mark.slow
+def test_post_in_flight_at_shutdown_completes(server_factory: Any) -> None:
+    """A slow POST /ingest running when SIGTERM arrives gets its full summary; exit 0."""
+    server: Server = server_factory(shards=2)
+    assert server.proc is not None
+    day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+
+    def body() -> Iterator[bytes]:
+        yield f"{day} 12:00:00 slowpost /a 200 0.5\n".encode()
+        time.sleep(0.3)
+        server.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        for _ in range(3):
+            time.sleep(0.3)
+            yield f"{day} 12:00:01 slowpost /a 500 1.5\n".encode()
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+    try:
+        conn.request(
+            "POST",
+            "/ingest",
+            body=body(),
+            headers={"Content-Type": "text/plain"},
+            encode_chunked=True,
+        )
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert json.loads(resp.read()) == {"accepted": 4, "rejected": 0, "rejected_by_reason": {}}
+    finally:
+        conn.close()
+    assert server.proc.wait(60) == 0, server.log()
+    restarted: Server = server_factory(shards=2)
+    status, got = restarted.get(f"/customers/slowpost/stats?from={day}")
+    assert status == 200
+    assert (got["summary"]["total_requests"], got["summary"]["server_errors"]) == (4, 3)

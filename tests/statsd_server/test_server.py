@@ -309,6 +309,7 @@ def test_errors_are_json_with_the_right_codes(server_factory: Any) -> None:
         ("/customers/known/stats?from=2024-02-30", 400),
         (stats_path("known", day, "2024-01-01"), 400),
         (f"/customers/known/stats?from={day}&to=soon", 400),
+        (f"/customers/known/stats?from={day}&to=", 400),
         (stats_path("unknown", day), 404),
         (stats_path("a b", day), 400),
         (stats_path("x" * 129, day), 400),

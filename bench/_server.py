@@ -54,6 +54,25 @@ class BenchServer:
                     total += int(line.split()[1])
         return total / 1024
 
+    def load(self, path: Path) -> tuple[float, str]:
+        """Run `statsd-server load` on a file: seconds taken and the summary line."""
+        start = time.perf_counter()
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "statsd_server",
+                "load",
+                str(path),
+                "--tcp-port",
+                str(self.tcp_port),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        return time.perf_counter() - start, out.strip()
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,23 +46,8 @@ def main() -> None:
     server = BenchServer(args.shards)
     try:
         print(f"RSS at start: {server.rss_mb():.0f} MB")
-        start = time.perf_counter()
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "statsd_server",
-                "load",
-                str(log),
-                "--tcp-port",
-                str(server.tcp_port),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout
-        took = time.perf_counter() - start
-        print(f"statsd-server load: {args.lines / took:,.0f} lines/s ({took:.2f} s) {out.strip()}")
+        took, out = server.load(log)
+        print(f"statsd-server load: {args.lines / took:,.0f} lines/s ({took:.2f} s) {out}")
         print(f"RSS after load: {server.rss_mb():.0f} MB")
         took = raw_connection(server.tcp_port, log)
         print(f"one raw connection: {args.lines / took:,.0f} lines/s ({took:.2f} s)")

@@ -13,7 +13,6 @@ import asyncio
 import datetime as dt
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,19 +66,7 @@ def main() -> None:
     generate(log, args.lines, args.customers, 30)
     server = BenchServer(args.shards)
     try:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "statsd_server",
-                "load",
-                str(log),
-                "--tcp-port",
-                str(server.tcp_port),
-            ],
-            check=True,
-            capture_output=True,
-        )
+        server.load(log)
         today = dt.datetime.now(dt.UTC).date()
         days = [(today - dt.timedelta(days=i)).isoformat() for i in range(31)]
         asyncio.run(hammer(server.http_port, args.customers, days, args.connections, args.seconds))

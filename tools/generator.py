@@ -69,31 +69,21 @@ def generate(args: argparse.Namespace) -> bytes:
         millis = np.maximum(1, np.rint(rng.lognormal(np.log(300), 0.6, n))).astype(np.int64)
     durations = [f"{m // 1000}.{m % 1000:03d}" for m in millis.tolist()]
 
-    if args.format == "text":
-        lines = [
-            f"{ts[:10]} {ts[11:]} cust_{c} {PATHS[p]} {s} {d}"
-            for ts, c, p, s, d in zip(
-                stamps.tolist(),
-                customers.tolist(),
-                paths.tolist(),
-                statuses.tolist(),
-                durations,
-                strict=True,
-            )
-        ]
-    else:
-        lines = [
-            f'{{"timestamp": "{ts}Z", "customer_id": "cust_{c}", "request_path": "{PATHS[p]}",'
-            f' "status_code": {s}, "duration": {d}}}'
-            for ts, c, p, s, d in zip(
-                stamps.tolist(),
-                customers.tolist(),
-                paths.tolist(),
-                statuses.tolist(),
-                durations,
-                strict=True,
-            )
-        ]
+    text = args.format == "text"
+    lines = [
+        f"{ts[:10]} {ts[11:]} cust_{c} {PATHS[p]} {s} {d}"
+        if text
+        else f'{{"timestamp": "{ts}Z", "customer_id": "cust_{c}", "request_path": "{PATHS[p]}",'
+        f' "status_code": {s}, "duration": {d}}}'
+        for ts, c, p, s, d in zip(
+            stamps.tolist(),
+            customers.tolist(),
+            paths.tolist(),
+            statuses.tolist(),
+            durations,
+            strict=True,
+        )
+    ]
     if args.bad_rate > 0:
         bad = np.flatnonzero(rng.random(n) < args.bad_rate)
         choice = rng.integers(0, len(BAD_LINES), len(bad))

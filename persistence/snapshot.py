@@ -13,7 +13,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from sketches import SKETCH_KIND, DayAggregate
+from sketches import DayAggregate, SketchConfig
 from statsd_server.errors import SnapshotError
 from statsd_server.routing import customer_key
 
@@ -37,6 +37,7 @@ class SnapshotRow:
 
     @classmethod
     def from_aggregate(cls, customer_id: str, day: int, agg: DayAggregate) -> SnapshotRow:
+        kind, blob = agg.to_blob()
         return cls(
             customer_id,
             day,
@@ -45,20 +46,19 @@ class SnapshotRow:
             agg.client_errors,
             agg.server_errors,
             agg.duration_sum,
-            SKETCH_KIND,
-            agg.sketch_bytes(),
+            kind,
+            blob,
         )
 
-    def aggregate(self) -> DayAggregate:
-        return DayAggregate.restore(
+    def aggregate(self, config: SketchConfig) -> DayAggregate:
+        counters = (
             self.total,
             self.successful,
             self.client_errors,
             self.server_errors,
             self.duration_sum,
-            self.sketch,
-            self.sketch_kind,
         )
+        return DayAggregate.restore(config, counters, self.sketch_kind, self.sketch)
 
 
 _COLUMNS = {

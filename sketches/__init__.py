@@ -1,5 +1,5 @@
-"""The per-customer-day aggregate: exact counters plus a latency sketch."""
+"""The per-customer-day aggregate: exact counters plus exact or sketched durations."""
 
-from sketches.aggregate import SKETCH_KIND, DayAggregate, LatencyStats, summarize
+from sketches.aggregate import DayAggregate, LatencyStats, SketchConfig, quantile_name, summarize
 
-__all__ = ["SKETCH_KIND", "DayAggregate", "LatencyStats", "summarize"]
+__all__ = ["DayAggregate", "LatencyStats", "SketchConfig", "quantile_name", "summarize"]

@@ -1,16 +1,50 @@
-"""One customer-day of requests: exact counters and a KLL sketch of durations."""
+"""One customer-day of requests: exact counters, and its durations kept exactly or sketched.
+
+A day keeps its durations as an exact array while it has at most `k` requests (`STATS_KLL_K`),
+so small days answer every quantile exactly. Past `k` it moves them into two Apache
+DataSketches sketches: KLL (uniform rank error; the distribution below the median) and REQ
+in high-rank-accuracy mode (rank error shrinking towards the top; the median and the tail),
+because KLL's rank error at p99 is a large value error on heavy-tailed latencies.
+
+All quantiles, of one day or of many days together, come from one rule: the weighted
+nearest rank over the retained items (exact values have weight 1), which is what
+DataSketches' `get_quantile(q, inclusive=True)` does for one sketch. Over several days the
+items are pooled instead of merged, so a summary is deterministic and adds no error of its
+own.
+"""
 
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import msgspec
 import numpy as np
-from datasketches import kll_doubles_sketch
+from datasketches import kll_doubles_sketch, req_floats_sketch
 
-# Stored next to every serialized sketch so a later sketch family can still read old snapshots.
-SKETCH_KIND = "kll_doubles"
+# Values of the snapshot column `sketch_kind`.
+EXACT_KIND = "exact_f64"  # little-endian float64 durations
+SKETCH_KIND = "kll_req"  # u32 length of the KLL bytes, KLL bytes, REQ bytes
+LEGACY_KLL_KIND = "kll_doubles"  # KLL alone, written before REQ was added
+# Standard deviations behind the stated error bounds (3: about 99.7% two-sided).
+ERROR_STD_DEVS = 3
+TAIL_FROM = 0.5  # quantiles at or above this come from REQ, below from KLL
+_LENGTH = struct.Struct(">I")
+
+
+@dataclass(frozen=True, slots=True)
+class SketchConfig:
+    """Sizes shared by every aggregate of a shard."""
+
+    kll_k: int = 200
+    req_k: int = 48
+
+    @property
+    def kll_rank_error(self) -> float:
+        # DataSketches' single-quantile rank error at 99% confidence.
+        return float(kll_doubles_sketch.get_normalized_rank_error(self.kll_k, False))
 
 
 class LatencyStats(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -26,20 +60,96 @@ class LatencyStats(msgspec.Struct, kw_only=True, omit_defaults=True):
     avg_latency_ms: float | None
     median_latency_ms: float | None
     p99_latency_ms: float | None
+    # Bound on |reported - exact nearest-rank value| / reported value, per quantile, at about
+    # 99.7% confidence (3 standard deviations); 0 where the figure is exact.
+    quantile_error: dict[str, float]
+    # Extra quantiles asked for with ?quantiles=, keyed like "p90", "p99.9".
+    quantiles_ms: dict[str, float | None] | None = None
+
+
+def quantile_name(q: float) -> str:
+    """0.5 -> "p50", 0.999 -> "p99.9"."""
+    return "p" + f"{q * 100:.10f}".rstrip("0").rstrip(".")
+
+
+class _Items:
+    """Sorted values with their weights: a distribution to read quantiles from.
+
+    Exact durations have no weights (each counts once), which keeps the common case of small
+    days to a sort and an index.
+    """
+
+    __slots__ = ("cumulative", "total", "values")
+
+    def __init__(self, values: np.ndarray, weights: np.ndarray | None) -> None:
+        self.cumulative: np.ndarray | None
+        if weights is None:
+            self.values = np.sort(values)
+            self.cumulative = None
+            self.total = float(len(values))
+        else:
+            order = np.argsort(values, kind="stable")
+            self.values = values[order]
+            self.cumulative = np.cumsum(weights[order])
+            self.total = float(self.cumulative[-1]) if len(values) else 0.0
+
+    def weights(self) -> np.ndarray:
+        if self.cumulative is None:
+            return np.ones(len(self.values))
+        return np.diff(self.cumulative, prepend=0.0)
+
+    def quantile(self, q: float) -> float:
+        """Nearest rank: the smallest value with at least q * total weight at or below it."""
+        target = max(1.0, math.ceil(q * self.total))
+        if self.cumulative is None:
+            i = int(target) - 1
+        else:
+            i = int(np.searchsorted(self.cumulative, target, "left"))
+        return float(self.values[min(i, len(self.values) - 1)])
+
+    def rank(self, value: float) -> float:
+        """The share of the weight at or below `value`."""
+        i = int(np.searchsorted(self.values, value, "right"))
+        if not i:
+            return 0.0
+        below = float(i) if self.cumulative is None else float(self.cumulative[i - 1])
+        return below / self.total
+
+
+def _sketch_items(sketch: kll_doubles_sketch | req_floats_sketch) -> tuple[np.ndarray, np.ndarray]:
+    pairs = np.array(list(sketch), dtype=np.float64).reshape(-1, 2)
+    return pairs[:, 0], pairs[:, 1]
 
 
 class DayAggregate:
-    """Exact request counters and a duration sketch for one (customer, UTC day)."""
+    """Exact request counters and the durations of one (customer, UTC day)."""
 
-    __slots__ = ("client_errors", "duration_sum", "server_errors", "sketch", "successful", "total")
+    __slots__ = (
+        "_config",
+        "_exact",
+        "_kll",
+        "_req",
+        "client_errors",
+        "duration_sum",
+        "server_errors",
+        "successful",
+        "total",
+    )
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, config: SketchConfig) -> None:
+        self._config = config
         self.total = 0
         self.successful = 0
         self.client_errors = 0
         self.server_errors = 0
         self.duration_sum = 0.0
-        self.sketch = kll_doubles_sketch(k)
+        self._exact: np.ndarray | None = np.zeros(0, dtype=np.float64)
+        self._kll: kll_doubles_sketch | None = None
+        self._req: req_floats_sketch | None = None
+
+    @property
+    def is_exact(self) -> bool:
+        return self._exact is not None
 
     def add(
         self,
@@ -56,101 +166,166 @@ class DayAggregate:
         self.client_errors += client_errors
         self.server_errors += server_errors
         self.duration_sum += duration_sum
-        self.sketch.update(durations)
+        if self._exact is not None:
+            # concatenate copies, so no view into the caller's batch is kept alive
+            values = np.concatenate((self._exact, durations))
+            if len(values) <= self._config.kll_k:
+                self._exact = values
+                return
+            self._start_sketches(values)
+            return
+        assert self._kll is not None
+        self._kll.update(durations)
+        if self._req is not None:  # None for a busy day restored from a KLL-only snapshot
+            self._req.update(durations.astype(np.float32))
 
-    def sketch_bytes(self) -> bytes:
-        """The sketch in DataSketches' portable binary form."""
-        return bytes(self.sketch.serialize())
+    def _start_sketches(self, values: np.ndarray) -> None:
+        self._kll = kll_doubles_sketch(self._config.kll_k)
+        self._kll.update(values)
+        self._req = req_floats_sketch(self._config.req_k, True)
+        self._req.update(values.astype(np.float32))
+        self._exact = None
+
+    # -- serialization -----------------------------------------------------------------------
+
+    def to_blob(self) -> tuple[str, bytes]:
+        """(kind, bytes) of the durations' state, for the snapshot."""
+        if self._exact is not None:
+            return EXACT_KIND, self._exact.astype("<f8").tobytes()
+        assert self._kll is not None
+        kll = bytes(self._kll.serialize())
+        if self._req is None:
+            return LEGACY_KLL_KIND, kll
+        return SKETCH_KIND, _LENGTH.pack(len(kll)) + kll + bytes(self._req.serialize())
 
     @classmethod
     def restore(
         cls,
-        total: int,
-        successful: int,
-        client_errors: int,
-        server_errors: int,
-        duration_sum: float,
-        sketch: bytes,
-        sketch_kind: str,
+        config: SketchConfig,
+        counters: tuple[int, int, int, int, float],
+        kind: str,
+        blob: bytes,
     ) -> DayAggregate:
-        """Rebuild an aggregate from its stored counters and serialized sketch."""
-        if sketch_kind != SKETCH_KIND:
-            raise ValueError(f"unknown sketch kind {sketch_kind!r}")
-        agg = cls.__new__(cls)
-        agg.total = total
-        agg.successful = successful
-        agg.client_errors = client_errors
-        agg.server_errors = server_errors
-        agg.duration_sum = duration_sum
-        agg.sketch = kll_doubles_sketch.deserialize(sketch)
+        """Rebuild an aggregate from its stored counters and durations' state."""
+        agg = cls(config)
+        agg.total, agg.successful, agg.client_errors, agg.server_errors, agg.duration_sum = counters
+        if kind == EXACT_KIND:
+            agg._exact = np.frombuffer(blob, dtype="<f8").astype(np.float64)
+        elif kind == SKETCH_KIND:
+            (size,) = _LENGTH.unpack_from(blob)
+            agg._kll = kll_doubles_sketch.deserialize(blob[4 : 4 + size])
+            agg._req = req_floats_sketch.deserialize(blob[4 + size :])
+            agg._exact = None
+        elif kind == LEGACY_KLL_KIND:
+            kll = kll_doubles_sketch.deserialize(blob)
+            if kll.is_estimation_mode():
+                # The tail sketch cannot be rebuilt; KLL answers every quantile of this day.
+                agg._kll, agg._exact = kll, None
+            else:
+                agg._exact = _sketch_items(kll)[0]
+        else:
+            raise ValueError(f"unknown sketch kind {kind!r}")
         return agg
 
-    def stats(self, date: str | None = None) -> LatencyStats:
-        """Counts, uptime and latencies in milliseconds, rounded to 3 decimals."""
-        if self.total == 0:
-            return self.stats_with(None, None, date)
-        # inclusive=True is nearest-rank: the smallest value whose rank reaches q * n.
-        return self.stats_with(
-            self.sketch.get_quantile(0.5, True), self.sketch.get_quantile(0.99, True), date
+    # -- reading -----------------------------------------------------------------------------
+
+    def _items(self, tail: bool) -> _Items:
+        if self._exact is not None:
+            return _Items(self._exact, None)
+        sketch = self._req if tail and self._req is not None else self._kll
+        assert sketch is not None
+        return _Items(*_sketch_items(sketch))
+
+    def _rank_error(self, tail: bool, rank: float) -> float:
+        """Bound on this day's rank error (a share of its requests) near `rank`."""
+        if self._exact is not None:
+            return 0.0
+        if tail and self._req is not None:
+            return max(0.0, self._req.get_rank_upper_bound(rank, ERROR_STD_DEVS) - rank)
+        return self._config.kll_rank_error
+
+    def stats(self, date: str | None = None, extra: Sequence[float] = ()) -> LatencyStats:
+        """This day's figures (milliseconds and percentages rounded to 3 decimals)."""
+        return summarize([self], extra, date)
+
+
+class _Pool:
+    """The days' items for one family (tail or body), pooled for quantiles and error bounds."""
+
+    def __init__(self, days: Sequence[DayAggregate], tail: bool) -> None:
+        self.days = days
+        self.tail = tail
+        self.per_day = [day._items(tail) for day in days]
+        if len(self.per_day) == 1:
+            self.pooled = self.per_day[0]
+        else:
+            values = np.concatenate([it.values for it in self.per_day])
+            if all(day.is_exact for day in days):
+                self.pooled = _Items(values, None)
+            else:
+                weights = np.concatenate([it.weights() for it in self.per_day])
+                self.pooled = _Items(values, weights)
+
+    def quantile_with_error(self, q: float, total: int) -> tuple[float, float]:
+        """The nearest-rank q-quantile and its relative error bound."""
+        value = self.pooled.quantile(q)
+        # Each sketched day may misplace ranks by up to its bound; add them up in requests.
+        misplaced = sum(
+            day.total * day._rank_error(self.tail, it.rank(value))
+            for day, it in zip(self.days, self.per_day, strict=True)
+            if not day.is_exact
         )
-
-    def stats_with(
-        self, median: float | None, p99: float | None, date: str | None = None
-    ) -> LatencyStats:
-        """The reported figures, given the median and p99 in seconds."""
-        total = self.total
-        if total == 0:
-            return LatencyStats(
-                date=date,
-                total_requests=0,
-                successful_requests=0,
-                failed_requests=0,
-                client_errors=0,
-                server_errors=0,
-                uptime_pct=None,
-                avg_latency_ms=None,
-                median_latency_ms=None,
-                p99_latency_ms=None,
-            )
-        return LatencyStats(
-            date=date,
-            total_requests=total,
-            successful_requests=self.successful,
-            failed_requests=total - self.successful,
-            client_errors=self.client_errors,
-            server_errors=self.server_errors,
-            uptime_pct=round(100.0 * (total - self.server_errors) / total, 3),
-            avg_latency_ms=round(self.duration_sum / total * 1000.0, 3),
-            median_latency_ms=None if median is None else round(median * 1000.0, 3),
-            p99_latency_ms=None if p99 is None else round(p99 * 1000.0, 3),
-        )
+        if misplaced == 0 or value <= 0:
+            return value, 0.0
+        spread = misplaced / total
+        low = self.pooled.quantile(max(0.0, q - spread))
+        high = self.pooled.quantile(min(1.0, q + spread))
+        return value, max(value - low, high - value) / value
 
 
-def summarize(aggregates: Sequence[DayAggregate]) -> LatencyStats:
-    """The stats of several days together: counters summed, quantiles over all their requests.
-
-    Quantiles come from the union of the days' retained sketch items with their weights,
-    using the same inclusive nearest-rank rule as `get_quantile(q, True)`. Unlike a KLL merge,
-    which compacts at random, this is deterministic (the same answer every time, also after
-    a restart) and adds no error of its own: exact whenever every day is exact.
-    """
-    if len(aggregates) == 1:
-        return aggregates[0].stats()
-    # Counters only: the quantiles come from the days' own sketches below.
-    combined = DayAggregate.__new__(DayAggregate)
-    combined.total = sum(a.total for a in aggregates)
-    combined.successful = sum(a.successful for a in aggregates)
-    combined.client_errors = sum(a.client_errors for a in aggregates)
-    combined.server_errors = sum(a.server_errors for a in aggregates)
-    combined.duration_sum = sum(a.duration_sum for a in aggregates)
-    if combined.total == 0:
-        return combined.stats_with(None, None)
-    pairs = np.array([pair for a in aggregates for pair in a.sketch], dtype=np.float64)
-    order = np.argsort(pairs[:, 0], kind="stable")
-    values = pairs[order, 0]
-    cumulative = np.cumsum(pairs[order, 1])
-
-    def quantile(q: float) -> float:
-        return float(values[np.searchsorted(cumulative, math.ceil(q * combined.total), "left")])
-
-    return combined.stats_with(quantile(0.5), quantile(0.99))
+def summarize(
+    days: Sequence[DayAggregate], extra: Sequence[float] = (), date: str | None = None
+) -> LatencyStats:
+    """The figures of several days together: counters summed, quantiles over all requests."""
+    total = sum(d.total for d in days)
+    server = sum(d.server_errors for d in days)
+    successful = sum(d.successful for d in days)
+    stats = LatencyStats(
+        date=date,
+        total_requests=total,
+        successful_requests=successful,
+        failed_requests=total - successful,
+        client_errors=sum(d.client_errors for d in days),
+        server_errors=server,
+        uptime_pct=None,
+        avg_latency_ms=None,
+        median_latency_ms=None,
+        p99_latency_ms=None,
+        quantile_error={},
+        quantiles_ms={quantile_name(q): None for q in extra} if extra else None,
+    )
+    if total == 0:
+        return stats
+    days = [d for d in days if d.total]
+    stats.uptime_pct = round(100.0 * (total - server) / total, 3)
+    stats.avg_latency_ms = round(sum(d.duration_sum for d in days) / total * 1000.0, 3)
+    errors = {}
+    pools: dict[bool, _Pool] = {}
+    for q in (0.5, 0.99, *extra):
+        tail = q >= TAIL_FROM
+        pool = pools.get(tail)
+        if pool is None:
+            pool = pools[tail] = _Pool(days, tail)
+        value, error = pool.quantile_with_error(q, total)
+        name = quantile_name(q)
+        errors[name] = round(error, 6)
+        ms = round(value * 1000.0, 3)
+        if q == 0.5:
+            stats.median_latency_ms = ms
+        elif q == 0.99:
+            stats.p99_latency_ms = ms
+        if q in extra:
+            assert stats.quantiles_ms is not None
+            stats.quantiles_ms[name] = ms
+    stats.quantile_error = errors
+    return stats

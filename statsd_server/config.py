@@ -54,6 +54,13 @@ def _kll_k(raw: str) -> int:
     return value
 
 
+def _req_k(raw: str) -> int:
+    value = int(raw)
+    if not (4 <= value <= 1024 and value % 2 == 0):
+        raise ValueError("must be an even integer 4-1024 (DataSketches' REQ range)")
+    return value
+
+
 def _host(raw: str) -> str:
     if raw != "localhost":
         try:
@@ -88,6 +95,7 @@ class Settings:
     snapshot_interval: float = 5.0
     retention_days: int = 30
     kll_k: int = 200
+    req_k: int = 48
     log_level: str = "info"
 
     @classmethod
@@ -134,6 +142,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "snapshot_interval": _positive_float,
     "retention_days": _non_negative_int,
     "kll_k": _kll_k,
+    "req_k": _req_k,
     "log_level": _log_level,
 }
 
@@ -144,6 +153,7 @@ _EXPECTED = {
     "snapshot_interval": "must be a positive number of seconds",
     "retention_days": "must be a non-negative integer",
     "kll_k": "must be an integer 8-65535 (DataSketches' KLL range)",
+    "req_k": "must be an even integer 4-1024 (DataSketches' REQ range)",
 }
 
 SETTING_HELP = {
@@ -154,6 +164,7 @@ SETTING_HELP = {
     "data_dir": "Directory of the SQLite snapshot file.",
     "snapshot_interval": "Seconds between snapshots of changed aggregates.",
     "retention_days": "Days kept behind the newest day seen.",
-    "kll_k": "KLL sketch size k (accuracy vs memory).",
+    "kll_k": "Days with up to this many requests are kept exactly; KLL sketch size k beyond.",
+    "req_k": "REQ sketch size k: accuracy of the median and tail of busy days.",
     "log_level": "debug, info, warning or error.",
 }

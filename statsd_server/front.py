@@ -82,6 +82,29 @@ def _parse_date(params: dict[str, str] | object, name: str, required: bool) -> d
         raise BadRequest(f"invalid '{name}': {raw!r} is not a calendar date") from None
 
 
+MAX_EXTRA_QUANTILES = 10
+_QUANTILE = re.compile(r"0?\.[0-9]+")
+
+
+def _parse_quantiles(raw: str | None) -> list[float]:
+    """`?quantiles=0.9,0.999`: each in (0, 1), at most 10, duplicates dropped."""
+    if raw is None:
+        return []
+    parts = raw.split(",")
+    if len(parts) > MAX_EXTRA_QUANTILES:
+        raise BadRequest(f"at most {MAX_EXTRA_QUANTILES} quantiles, got {len(parts)}")
+    quantiles: list[float] = []
+    for part in parts:
+        text = part.strip()
+        if not _QUANTILE.fullmatch(text) or not 0 < float(text) < 1:
+            raise BadRequest(
+                f"invalid quantile {text[:32]!r}: expected a number between 0 and 1 (exclusive)"
+            )
+        if float(text) not in quantiles:
+            quantiles.append(float(text))
+    return quantiles
+
+
 async def stats(request: web.Request) -> web.Response:
     """GET /customers/{customer_id}/stats?from=YYYY-MM-DD[&to=YYYY-MM-DD]"""
     customer_id = request.match_info["customer_id"]
@@ -91,6 +114,7 @@ async def stats(request: web.Request) -> web.Response:
     try:
         first = _parse_date(request.query, "from", required=True)
         last = _parse_date(request.query, "to", required=False)
+        extra = _parse_quantiles(request.query.get("quantiles"))
     except BadRequest as exc:
         return _error(400, str(exc))
     assert first is not None
@@ -99,7 +123,9 @@ async def stats(request: web.Request) -> web.Response:
 
     app = request.app
     shard = app[ROUTER].shard_of(customer_id)
-    query = StatsQuery(customer_id, date_to_day(first), None if last is None else date_to_day(last))
+    query = StatsQuery(
+        customer_id, date_to_day(first), None if last is None else date_to_day(last), extra
+    )
     try:
         reply = await app[CLIENTS][shard].request(query, QUERY_TIMEOUT)
     except ShardUnavailable as exc:

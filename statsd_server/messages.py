@@ -55,6 +55,7 @@ class StatsQuery(msgspec.Struct, tag="stats", array_like=True):
     customer_id: str
     first_day: int
     last_day: int | None
+    quantiles: list[float] = []
 
 
 class StatsReply(msgspec.Struct, tag="stats_reply", array_like=True):

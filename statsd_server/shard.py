@@ -23,6 +23,7 @@ import msgspec
 import uvloop
 
 from persistence.snapshot import SnapshotDB
+from sketches import SketchConfig
 from statsd_server import logs
 from statsd_server.config import Settings
 from statsd_server.errors import ShardUnavailable, SnapshotError
@@ -84,7 +85,9 @@ class ShardWorker:
         self._tcp_sock = tcp_sock
         self._runtime_dir = runtime_dir
         self._parent = parent
-        self.store = ShardStore(settings.kll_k, settings.retention_days)
+        self.store = ShardStore(
+            SketchConfig(kll_k=settings.kll_k, req_k=settings.req_k), settings.retention_days
+        )
         self._codec = Codec()
         self._newest_day = NewestDay(runtime_dir / "newest_day", index)
         self._router = Router(settings.shards)
@@ -272,7 +275,7 @@ class ShardWorker:
             )
         if isinstance(body, StatsQuery):
             self.store.advance(self._newest_day.get())
-            return self.store.query(body.customer_id, body.first_day, body.last_day)
+            return self.store.query(body.customer_id, body.first_day, body.last_day, body.quantiles)
         if isinstance(body, Ping):
             return Pong(self.index, len(self.store.customers), self.store.customer_days)
         if isinstance(body, Drain):

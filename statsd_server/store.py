@@ -7,7 +7,7 @@ import datetime as dt
 import numpy as np
 
 from persistence.snapshot import SnapshotRow
-from sketches import DayAggregate, summarize
+from sketches import DayAggregate, SketchConfig, summarize
 from statsd_server.messages import Applied, StatsReply
 from statsd_server.newest_day import NO_DAY
 
@@ -25,8 +25,8 @@ def date_to_day(date: dt.date) -> int:
 class ShardStore:
     """The customer-days one shard owns, with retention and change tracking for snapshots."""
 
-    def __init__(self, kll_k: int, retention_days: int) -> None:
-        self.kll_k = kll_k
+    def __init__(self, config: SketchConfig, retention_days: int) -> None:
+        self.config = config
         self.retention_days = retention_days
         self.customers: dict[str, dict[int, DayAggregate]] = {}
         self.newest_day = NO_DAY
@@ -99,7 +99,7 @@ class ShardStore:
         group_customer = (group_key // span).tolist()
         group_day = (group_key % span + first_day).tolist()
 
-        k = self.kll_k
+        config = self.config
         dirty = self._dirty
         for g, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
             customer_id = customers[group_customer[g]]
@@ -109,7 +109,7 @@ class ShardStore:
                 days = self.customers[customer_id] = {}
             agg = days.get(d)
             if agg is None:
-                agg = days[d] = DayAggregate(k)
+                agg = days[d] = DayAggregate(config)
             agg.add(
                 end - start,
                 int(successful[g]),
@@ -121,16 +121,23 @@ class ShardStore:
             dirty.add((customer_id, d))
         return Applied(stored=n)
 
-    def query(self, customer_id: str, first_day: int, last_day: int | None) -> StatsReply:
-        """Per-day stats in [first_day, last_day] and their merged summary."""
+    def query(
+        self,
+        customer_id: str,
+        first_day: int,
+        last_day: int | None,
+        extra_quantiles: list[float] | None = None,
+    ) -> StatsReply:
+        """Per-day stats in [first_day, last_day] and their summary."""
+        extra = extra_quantiles or []
         days = self.customers.get(customer_id)
         if days is None:
             return StatsReply(known=False, days=[], summary=None)
         selected = sorted(d for d in days if d >= first_day and (last_day is None or d <= last_day))
         return StatsReply(
             known=True,
-            days=[days[d].stats(day_to_date(d)) for d in selected],
-            summary=summarize([days[d] for d in selected]),
+            days=[days[d].stats(day_to_date(d), extra) for d in selected],
+            summary=summarize([days[d] for d in selected], extra),
         )
 
     def take_dirty(self) -> list[SnapshotRow]:
@@ -157,4 +164,4 @@ class ShardStore:
         cutoff = self.cutoff_day
         for row in rows:
             if row.day >= cutoff:
-                self.customers.setdefault(row.customer_id, {})[row.day] = row.aggregate()
+                self.customers.setdefault(row.customer_id, {})[row.day] = row.aggregate(self.config)

@@ -11,13 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from persistence.snapshot import SnapshotDB, SnapshotRow
-from sketches import DayAggregate
+from sketches import DayAggregate, SketchConfig
 from statsd_server.errors import SnapshotError
 from statsd_server.routing import shard_for
 
 
 def row(customer_id: str, day: int, durations: list[float]) -> SnapshotRow:
-    agg = DayAggregate(200)
+    agg = DayAggregate(SketchConfig())
     arr = np.array(durations, dtype=np.float64)
     agg.add(len(arr), len(arr), 0, 0, float(arr.sum()), arr)
     return SnapshotRow.from_aggregate(customer_id, day, agg)

@@ -54,8 +54,9 @@ class BenchServer:
                     total += int(line.split()[1])
         return total / 1024
 
-    def load(self, path: Path) -> tuple[float, str]:
+    def load(self, path: Path, connections: int | None = None) -> tuple[float, str]:
         """Run `statsd-server load` on a file: seconds taken and the summary line."""
+        extra = ["--connections", str(connections)] if connections else []
         start = time.perf_counter()
         out = subprocess.run(
             [
@@ -66,6 +67,7 @@ class BenchServer:
                 str(path),
                 "--tcp-port",
                 str(self.tcp_port),
+                *extra,
             ],
             check=True,
             capture_output=True,

@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--customers", type=int, default=1000)
     p.add_argument("--days", type=int, default=30)
     p.add_argument("--shards", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--connections", type=int, default=None, help="for load (its default)")
     args = p.parse_args()
     log = Path(tempfile.mkdtemp()) / "bench.log"
     generate(log, args.lines, args.customers, args.days)
@@ -46,7 +47,7 @@ def main() -> None:
     server = BenchServer(args.shards)
     try:
         print(f"RSS at start: {server.rss_mb():.0f} MB")
-        took, out = server.load(log)
+        took, out = server.load(log, args.connections)
         print(f"statsd-server load: {args.lines / took:,.0f} lines/s ({took:.2f} s) {out}")
         print(f"RSS after load: {server.rss_mb():.0f} MB")
         took = raw_connection(server.tcp_port, log)

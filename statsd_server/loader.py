@@ -30,7 +30,10 @@ class LoadError(StatsServerError):
 
 
 def default_connections() -> int:
-    return max(2, 2 * (os.cpu_count() or 1))
+    # The kernel spreads connections over the shards at random (SO_REUSEPORT); with 16 on
+    # 2 CPUs the parse work comes out even enough (2M lines: 4 -> 645k, 8 -> 821k,
+    # 16 -> 938k, 32 -> 824k lines/s).
+    return 8 * (os.cpu_count() or 1)
 
 
 def split_at_lines(path: Path, parts: int) -> list[tuple[int, int]]:

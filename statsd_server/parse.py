@@ -60,6 +60,40 @@ class ParsedChunk:
         )
 
 
+def merge_customers(
+    customer_lists: list[list[str]], indexes: list[np.ndarray]
+) -> tuple[list[str], np.ndarray]:
+    """One distinct customer list for several batches, and their indexes remapped into it."""
+    index: dict[str, int] = {}
+    customers: list[str] = []
+    remapped = []
+    for names, idx in zip(customer_lists, indexes, strict=True):
+        lookup = np.empty(len(names), dtype=np.int32)
+        for i, customer_id in enumerate(names):
+            j = index.get(customer_id)
+            if j is None:
+                j = index[customer_id] = len(customers)
+                customers.append(customer_id)
+            lookup[i] = j
+        remapped.append(lookup[idx])
+    return customers, np.concatenate(remapped)
+
+
+def concat_chunks(parts: list[ParsedChunk]) -> ParsedChunk:
+    """One chunk holding the requests of several, customer lists merged."""
+    if len(parts) == 1:
+        return parts[0]
+    customers, customer = merge_customers([p.customers for p in parts], [p.customer for p in parts])
+    return ParsedChunk(
+        customers=customers,
+        customer=customer,
+        day=np.concatenate([p.day for p in parts]),
+        second=np.concatenate([p.second for p in parts]),
+        status=np.concatenate([p.status for p in parts]),
+        duration=np.concatenate([p.duration for p in parts]),
+    )
+
+
 def empty_chunk() -> ParsedChunk:
     return ParsedChunk(
         customers=[],

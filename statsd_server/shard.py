@@ -270,7 +270,7 @@ class ShardWorker:
     async def _handle(self, body: Body) -> Body:
         if isinstance(body, ApplyBatch):
             customer, day, status, duration = body.columns()
-            return self.store.apply(
+            return self.store.enqueue(
                 body.customers, customer, day, status, duration, self._newest_day.get()
             )
         if isinstance(body, StatsQuery):

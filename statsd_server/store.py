@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from typing import NamedTuple
 
 import numpy as np
 
@@ -10,6 +11,7 @@ from persistence.snapshot import SnapshotRow
 from sketches import DayAggregate, SketchConfig, summarize
 from statsd_server.messages import Applied, StatsReply
 from statsd_server.newest_day import NO_DAY
+from statsd_server.parse import merge_customers
 
 _EPOCH = dt.date(1970, 1, 1)
 
@@ -22,8 +24,25 @@ def date_to_day(date: dt.date) -> int:
     return (date - _EPOCH).days
 
 
+# Requests queued before they are folded in: one apply costs a Python step per
+# (customer, day) in it, so batches this large make applying several times cheaper per line.
+APPLY_BATCH = 524_288
+
+
+class _Queued(NamedTuple):
+    customers: list[str]
+    customer: np.ndarray
+    day: np.ndarray
+    status: np.ndarray
+    duration: np.ndarray
+
+
 class ShardStore:
-    """The customer-days one shard owns, with retention and change tracking for snapshots."""
+    """The customer-days one shard owns, with retention and change tracking for snapshots.
+
+    Batches are queued and applied together once enough have arrived, and always before a
+    query or a snapshot reads the aggregates, so what was acknowledged is what is seen.
+    """
 
     def __init__(self, config: SketchConfig, retention_days: int) -> None:
         self.config = config
@@ -31,6 +50,9 @@ class ShardStore:
         self.customers: dict[str, dict[int, DayAggregate]] = {}
         self.newest_day = NO_DAY
         self._dirty: set[tuple[str, int]] = set()
+        self._queue: list[_Queued] = []
+        self._queued_lines = 0
+        self._queued_newest = NO_DAY
 
     @property
     def customer_days(self) -> int:
@@ -54,6 +76,41 @@ class ShardStore:
                 self._dirty.discard((customer_id, day))
             if not days:
                 del self.customers[customer_id]
+
+    def enqueue(
+        self,
+        customers: list[str],
+        customer: np.ndarray,
+        day: np.ndarray,
+        status: np.ndarray,
+        duration: np.ndarray,
+        newest_day: int,
+    ) -> Applied:
+        """Take a batch; it is folded in with others, before anything reads the aggregates."""
+        self._queue.append(_Queued(customers, customer, day, status, duration))
+        self._queued_lines += len(day)
+        self._queued_newest = max(self._queued_newest, newest_day)
+        if self._queued_lines >= APPLY_BATCH:
+            self.flush()
+        return Applied(stored=len(day))
+
+    def flush(self) -> None:
+        """Apply every queued batch as one."""
+        if not self._queue:
+            return
+        queue, newest = self._queue, self._queued_newest
+        self._queue, self._queued_lines, self._queued_newest = [], 0, NO_DAY
+        customers, customer = merge_customers(
+            [q.customers for q in queue], [q.customer for q in queue]
+        )
+        self.apply(
+            customers,
+            customer,
+            np.concatenate([q.day for q in queue]),
+            np.concatenate([q.status for q in queue]),
+            np.concatenate([q.duration for q in queue]),
+            newest,
+        )
 
     def apply(
         self,
@@ -129,6 +186,7 @@ class ShardStore:
         extra_quantiles: list[float] | None = None,
     ) -> StatsReply:
         """Per-day stats in [first_day, last_day] and their summary."""
+        self.flush()
         extra = extra_quantiles or []
         days = self.customers.get(customer_id)
         if days is None:
@@ -142,6 +200,7 @@ class ShardStore:
 
     def take_dirty(self) -> list[SnapshotRow]:
         """Rows for every customer-day changed since the last call, and forget the changes."""
+        self.flush()
         rows = []
         for customer_id, d in self._dirty:
             agg = self.customers[customer_id][d]

@@ -23,11 +23,12 @@ from statsd_server.config import Settings
 from statsd_server.errors import ShardUnavailable
 from statsd_server.ingest import Dispatcher, IngestSession
 from statsd_server.line_rules import customer_id_problem
-from statsd_server.messages import Codec, IngestSummary, Ping, StatsQuery, StatsReply
+from statsd_server.messages import Codec, Ping, StatsQuery, StatsReply
 from statsd_server.newest_day import NewestDay
 from statsd_server.routing import Router
 from statsd_server.rpc import ShardClient, socket_path
 from statsd_server.store import date_to_day
+from statsd_server.summary import IngestSummary
 
 log = logging.getLogger(__name__)
 

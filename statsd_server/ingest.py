@@ -12,12 +12,13 @@ from collections import Counter
 from collections.abc import Callable
 
 from statsd_server.framing import LineFramer
-from statsd_server.messages import Applied, ApplyBatch, IngestSummary
+from statsd_server.messages import Applied, ApplyBatch
 from statsd_server.newest_day import NO_DAY, NewestDay
 from statsd_server.parse import ParsedChunk, apply_time_rules, concat_chunks, parse_chunk
 from statsd_server.routing import Router
 from statsd_server.rpc import ShardClient
 from statsd_server.store import ShardStore
+from statsd_server.summary import IngestSummary
 
 APPLY_TIMEOUT = 120.0
 # Batches of one session in flight to the shards; past this, the session stops reading.

@@ -17,7 +17,7 @@ import msgspec
 from tqdm import tqdm
 
 from statsd_server.errors import StatsServerError
-from statsd_server.messages import IngestSummary
+from statsd_server.summary import IngestSummary
 
 # Parts smaller than this are not worth a connection of their own.
 MIN_PART_BYTES = 4 * 1024 * 1024

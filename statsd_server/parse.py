@@ -29,6 +29,8 @@ _DURATION_WIDTH = 16
 _MAX_EXACT_DIGITS = 15  # integers below 10**15 are exact in float64
 _DAYS_IN_MONTH = np.array([0, 31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], dtype=np.int64)
 _POW10 = 10.0 ** np.arange(_DURATION_WIDTH + 1)
+# Bytes of zero padding after a chunk: the widest gather (a 128-byte customer id, rounded up).
+_PAD = 160
 
 
 @dataclass(slots=True)
@@ -111,7 +113,9 @@ def parse_chunk(data: bytes) -> ParsedChunk:
         return empty_chunk()
     if data[-1] != _NL:
         data += b"\n"
-    buf = np.frombuffer(data, dtype=np.uint8)
+    # Zero padding lets fixed-width gathers read past the last token without bounds checks.
+    padded = np.frombuffer(data + bytes(_PAD), dtype=np.uint8)
+    buf = padded[: len(data)]
     line_end = np.flatnonzero(buf == _NL)
     line_start = np.empty_like(line_end)
     line_start[0] = 0
@@ -148,7 +152,7 @@ def parse_chunk(data: bytes) -> ParsedChunk:
     first_byte = buf[tok_start[first_token[cand_lines]]]
     cand_lines = cand_lines[first_byte != _BRACE]
 
-    fast = _parse_fast(buf, tok_start, tok_end, first_token[cand_lines])
+    fast = _parse_fast(padded, tok_start, tok_end, first_token[cand_lines])
     fast_lines = cand_lines[fast.ok]
 
     rejected: Counter[str] = Counter()
@@ -171,7 +175,7 @@ def parse_chunk(data: bytes) -> ParsedChunk:
         else:
             slow_requests.append(result)
 
-    chunk = _fast_columns(data, fast, fast_lines, line_start, tok_start, tok_end, first_token)
+    chunk = _fast_columns(data, padded, fast, fast_lines, tok_start, tok_end, first_token)
     if slow_requests:
         chunk = _append_requests(chunk, slow_requests)
     chunk.rejected = rejected
@@ -187,18 +191,21 @@ class _FastFields:
     duration: np.ndarray
 
 
-def _gather(
+def _gather(buf: np.ndarray, start: np.ndarray, width: int) -> np.ndarray:
+    """A (lines, width) matrix of the bytes from each start (`buf` is padded past its end)."""
+    return buf[start[:, None] + np.arange(width)]
+
+
+def _gather_token(
     buf: np.ndarray, start: np.ndarray, length: np.ndarray, width: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A (lines, width) byte matrix of each token, zero past its end, and the in-token mask."""
-    cols = np.arange(width)
-    idx = np.minimum(start[:, None] + cols, len(buf) - 1)
-    inside = cols < length[:, None]
-    return np.where(inside, buf[idx], 0), inside
+    """Each token's bytes, zero past its end, and the in-token mask."""
+    inside = np.arange(width) < length[:, None]
+    return _gather(buf, start, width) * inside, inside
 
 
 def _digits(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d = m.astype(np.int64) - _DIGIT0
+    d = m.astype(np.int32) - _DIGIT0
     return d, (d >= 0) & (d <= 9)
 
 
@@ -210,9 +217,12 @@ def _parse_fast(
     starts, ends = tok_start[t], tok_end[t]
     lens = ends - starts
     n = len(first)
+    if n == 0:
+        nothing = np.zeros(0, dtype=np.int64)
+        return _FastFields(np.zeros(0, bool), nothing, nothing, nothing, nothing.astype(float))
 
-    # DATE: YYYY-MM-DD, a real calendar date.
-    m, _ = _gather(buf, starts[:, 0], lens[:, 0], 10)
+    # DATE: YYYY-MM-DD, a real calendar date (the length check makes masking unneeded).
+    m = _gather(buf, starts[:, 0], 10)
     d, isdig = _digits(m)
     digit_cols = [0, 1, 2, 3, 5, 6, 8, 9]
     ok = (lens[:, 0] == 10) & (m[:, 4] == _DASH) & (m[:, 7] == _DASH)
@@ -224,22 +234,23 @@ def _parse_fast(
     leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
     dim = _DAYS_IN_MONTH[np.where(month_ok, month, 1)] + ((month == 2) & leap)
     ok &= (year >= 1) & month_ok & (dom >= 1) & (dom <= dim)
-    day = _days_from_civil(year, np.where(month_ok, month, 1), dom)
+    day = _days_from_civil(year.astype(np.int64), np.where(month_ok, month, 1), dom)
 
     # TIME: HH:MM:SS with an optional .fraction of at least one digit.
     tlen = lens[:, 1]
-    m, inside = _gather(buf, starts[:, 1], np.minimum(tlen, _TIME_WIDTH), _TIME_WIDTH)
+    width = max(8, min(int(tlen.max()), _TIME_WIDTH))
+    m, inside = _gather_token(buf, starts[:, 1], np.minimum(tlen, width), width)
     d, isdig = _digits(m)
-    ok &= (tlen == 8) | ((tlen >= 10) & (tlen <= _TIME_WIDTH) & (m[:, 8] == _DOT))
+    dot_ok = (m[:, 8] == _DOT) if width > 8 else np.zeros(n, dtype=bool)
+    ok &= (tlen == 8) | ((tlen >= 10) & (tlen <= _TIME_WIDTH) & dot_ok)
     ok &= (m[:, 2] == _COLON) & (m[:, 5] == _COLON) & isdig[:, [0, 1, 3, 4, 6, 7]].all(axis=1)
-    frac_cols = inside.copy()
-    frac_cols[:, :9] = False
-    ok &= ~(frac_cols & ~isdig).any(axis=1)
+    if width > 9:
+        ok &= ~(inside[:, 9:] & ~isdig[:, 9:]).any(axis=1)
     hour = d[:, 0] * 10 + d[:, 1]
     minute = d[:, 3] * 10 + d[:, 4]
     sec = d[:, 6] * 10 + d[:, 7]
     ok &= (hour <= 23) & (minute <= 59) & (sec <= 59)
-    second = day * SECONDS_PER_DAY + hour * 3600 + minute * 60 + sec
+    second = day * SECONDS_PER_DAY + (hour * 3600 + minute * 60 + sec)
 
     # CUSTOMER_ID: printable ASCII without spaces is guaranteed here; only the length is left.
     ok &= lens[:, 2] <= MAX_CUSTOMER_ID_BYTES
@@ -248,29 +259,30 @@ def _parse_fast(
     ok &= buf[starts[:, 3]] == _SLASH
 
     # STATUS_CODE: three digits, 100-599.
-    m, _ = _gather(buf, starts[:, 4], lens[:, 4], 3)
+    m = _gather(buf, starts[:, 4], 3)
     d, isdig = _digits(m)
     status = d[:, 0] * 100 + d[:, 1] * 10 + d[:, 2]
     ok &= (lens[:, 4] == 3) & isdig.all(axis=1) & (status >= 100) & (status <= 599)
 
     # DURATION: [0-9]+(\.[0-9]+)? with at most 15 digits, so N / 10**f is correctly rounded.
     dlen = lens[:, 5]
-    m, inside = _gather(buf, starts[:, 5], np.minimum(dlen, _DURATION_WIDTH), _DURATION_WIDTH)
+    width = min(int(dlen.max()), _DURATION_WIDTH)
+    m, inside = _gather_token(buf, starts[:, 5], np.minimum(dlen, width), width)
     d, isdig = _digits(m)
     isdig &= inside
     isdot = (m == _DOT) & inside
     ndots = isdot.sum(axis=1)
-    ok &= (dlen <= _DURATION_WIDTH) & ((isdig | isdot) == inside).all(axis=1) & (ndots <= 1)
+    ok &= (dlen <= width) & ((isdig | isdot) == inside).all(axis=1) & (ndots <= 1)
     dot_pos = np.where(ndots == 1, isdot.argmax(axis=1), dlen)
     ok &= (ndots == 0) | ((dot_pos > 0) & (dot_pos < dlen - 1))
     ndigits = isdig.sum(axis=1)
     ok &= ndigits <= _MAX_EXACT_DIGITS
     mantissa = np.zeros(n, dtype=np.int64)
-    for col in range(_DURATION_WIDTH):
+    for col in range(width):
         use = isdig[:, col]
         mantissa = np.where(use, mantissa * 10 + d[:, col], mantissa)
     frac_digits = np.where(ndots == 1, dlen - dot_pos - 1, 0)
-    duration = mantissa / _POW10[np.clip(frac_digits, 0, _DURATION_WIDTH)]
+    duration = mantissa / _POW10[np.clip(frac_digits, 0, width)]
 
     return _FastFields(ok=ok, day=day, second=second, status=status, duration=duration)
 
@@ -291,9 +303,9 @@ _HASH_MULT = np.uint64(0x9E3779B97F4A7C15)
 
 def _fast_columns(
     data: bytes,
+    padded: np.ndarray,
     fast: _FastFields,
     fast_lines: np.ndarray,
-    line_start: np.ndarray,
     tok_start: np.ndarray,
     tok_end: np.ndarray,
     first_token: np.ndarray,
@@ -306,7 +318,7 @@ def _fast_columns(
     cust_tok = first_token[fast_lines] + 2
     c_start = tok_start[cust_tok]
     c_len = tok_end[cust_tok] - c_start
-    customers, customer = _distinct_customers(data, c_start, c_len)
+    customers, customer = _distinct_customers(data, padded, c_start, c_len)
     return ParsedChunk(
         customers=customers,
         customer=customer,
@@ -318,17 +330,16 @@ def _fast_columns(
 
 
 def _distinct_customers(
-    data: bytes, start: np.ndarray, length: np.ndarray
+    data: bytes, padded: np.ndarray, start: np.ndarray, length: np.ndarray
 ) -> tuple[list[str], np.ndarray]:
     """Distinct customer ids and each line's index into them.
 
     Ids are grouped by a 64-bit hash of their bytes, then every line is compared byte for
     byte with its group's representative, so a hash collision can never merge two customers.
     """
-    buf = np.frombuffer(data, dtype=np.uint8)
     width = int(-(-int(length.max()) // 8) * 8)
-    m, _ = _gather(buf, start, length, width)
-    m = np.ascontiguousarray(m.astype(np.uint8))
+    m, _ = _gather_token(padded, start, length, width)
+    m = np.ascontiguousarray(m, dtype=np.uint8)
     words = m.view(np.uint64)
     h = length.astype(np.uint64) * _HASH_MULT
     for col in range(words.shape[1]):

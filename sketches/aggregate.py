@@ -81,10 +81,12 @@ class _Items:
 
     __slots__ = ("cumulative", "total", "values")
 
-    def __init__(self, values: np.ndarray, weights: np.ndarray | None) -> None:
+    def __init__(
+        self, values: np.ndarray, weights: np.ndarray | None, presorted: bool = False
+    ) -> None:
         self.cumulative: np.ndarray | None
         if weights is None:
-            self.values = np.sort(values)
+            self.values = values if presorted else np.sort(values)
             self.cumulative = None
             self.total = float(len(values))
         else:
@@ -191,6 +193,7 @@ class DayAggregate:
     def to_blob(self) -> tuple[str, bytes]:
         """(kind, bytes) of the durations' state, for the snapshot."""
         if self._exact is not None:
+            self._exact.sort()  # a canonical form, whether or not the day was read
             return EXACT_KIND, self._exact.astype("<f8").tobytes()
         assert self._kll is not None
         kll = bytes(self._kll.serialize())
@@ -231,7 +234,8 @@ class DayAggregate:
 
     def _items(self, tail: bool) -> _Items:
         if self._exact is not None:
-            return _Items(self._exact, None)
+            self._exact.sort()  # in place: order is irrelevant, and sorted stays cheap to sort
+            return _Items(self._exact, None, presorted=True)
         sketch = self._req if tail and self._req is not None else self._kll
         assert sketch is not None
         return _Items(*_sketch_items(sketch))

@@ -17,7 +17,6 @@ import msgspec
 import uvloop
 from aiohttp import web
 
-from sketches import LatencyStats
 from statsd_server import logs
 from statsd_server.config import Settings
 from statsd_server.errors import ShardUnavailable
@@ -44,14 +43,6 @@ CLIENTS = web.AppKey("clients", list[ShardClient])
 ROUTER = web.AppKey("router", Router)
 NEWEST_DAY = web.AppKey("newest_day", NewestDay)
 INGESTS = web.AppKey("ingests", set[asyncio.Task[object]])
-
-
-class StatsResponse(msgspec.Struct):
-    customer_id: str
-    from_: str = msgspec.field(name="from")
-    to: str | None = None
-    days: list[LatencyStats] = msgspec.field(default_factory=list)
-    summary: LatencyStats | None = None
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -134,15 +125,7 @@ async def stats(request: web.Request) -> web.Response:
     assert isinstance(reply, StatsReply), reply
     if not reply.known:
         return _error(404, f"unknown customer {customer_id!r} (never seen, or its data expired)")
-    return _json(
-        StatsResponse(
-            customer_id=customer_id,
-            from_=first.isoformat(),
-            to=None if last is None else last.isoformat(),
-            days=reply.days,
-            summary=reply.summary,
-        )
-    )
+    return web.Response(body=reply.body, content_type="application/json")
 
 
 async def ingest(request: web.Request) -> web.Response:

@@ -10,7 +10,6 @@ import struct
 import msgspec
 import numpy as np
 
-from sketches import LatencyStats
 from statsd_server.parse import ParsedChunk
 
 FRAME_HEADER = struct.Struct(">I")
@@ -59,9 +58,10 @@ class StatsQuery(msgspec.Struct, tag="stats", array_like=True):
 
 
 class StatsReply(msgspec.Struct, tag="stats_reply", array_like=True):
+    """The response body, JSON-encoded by the shard; empty if the customer is unknown."""
+
     known: bool
-    days: list[LatencyStats]
-    summary: LatencyStats | None
+    body: bytes
 
 
 class Ping(msgspec.Struct, tag="ping", array_like=True):

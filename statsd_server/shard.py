@@ -40,6 +40,7 @@ from statsd_server.messages import (
     Shutdown,
     ShutdownDone,
     StatsQuery,
+    StatsReply,
 )
 from statsd_server.newest_day import NO_DAY, NewestDay
 from statsd_server.routing import Router
@@ -275,7 +276,10 @@ class ShardWorker:
             )
         if isinstance(body, StatsQuery):
             self.store.advance(self._newest_day.get())
-            return self.store.query(body.customer_id, body.first_day, body.last_day, body.quantiles)
+            answer = self.store.query(
+                body.customer_id, body.first_day, body.last_day, body.quantiles
+            )
+            return StatsReply(known=answer is not None, body=answer or b"")
         if isinstance(body, Ping):
             return Pong(self.index, len(self.store.customers), self.store.customer_days)
         if isinstance(body, Drain):

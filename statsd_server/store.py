@@ -5,11 +5,12 @@ from __future__ import annotations
 import datetime as dt
 from typing import NamedTuple
 
+import msgspec
 import numpy as np
 
 from persistence.snapshot import SnapshotRow
 from sketches import DayAggregate, SketchConfig, summarize
-from statsd_server.messages import Applied, StatsReply
+from statsd_server.messages import Applied
 from statsd_server.newest_day import NO_DAY
 from statsd_server.parse import merge_customers
 
@@ -53,6 +54,10 @@ class ShardStore:
         self._queue: list[_Queued] = []
         self._queued_lines = 0
         self._queued_newest = NO_DAY
+        # Encoded figures of days, and of ranges' summaries, queried since they last changed.
+        self._json: dict[tuple[str, int], bytes] = {}
+        self._summaries: dict[str, dict[tuple[int, int | None], bytes]] = {}
+        self._encode = msgspec.json.Encoder().encode
 
     @property
     def customer_days(self) -> int:
@@ -74,6 +79,8 @@ class ShardStore:
             for day in [d for d in days if d < cutoff]:
                 del days[day]
                 self._dirty.discard((customer_id, day))
+                self._json.pop((customer_id, day), None)
+                self._summaries.pop(customer_id, None)
             if not days:
                 del self.customers[customer_id]
 
@@ -158,6 +165,8 @@ class ShardStore:
 
         config = self.config
         dirty = self._dirty
+        encoded = self._json
+        summaries = self._summaries
         for g, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
             customer_id = customers[group_customer[g]]
             d = group_day[g]
@@ -176,6 +185,8 @@ class ShardStore:
                 durations[start:end],
             )
             dirty.add((customer_id, d))
+            encoded.pop((customer_id, d), None)
+            summaries.pop(customer_id, None)
         return Applied(stored=n)
 
     def query(
@@ -184,19 +195,56 @@ class ShardStore:
         first_day: int,
         last_day: int | None,
         extra_quantiles: list[float] | None = None,
-    ) -> StatsReply:
-        """Per-day stats in [first_day, last_day] and their summary."""
+    ) -> bytes | None:
+        """The stats response body (JSON) for days in [first_day, last_day]; None if unknown.
+
+        Each day's figures are encoded once and reused until the day changes; the summary
+        is computed per query.
+        """
         self.flush()
         extra = extra_quantiles or []
         days = self.customers.get(customer_id)
         if days is None:
-            return StatsReply(known=False, days=[], summary=None)
+            return None
         selected = sorted(d for d in days if d >= first_day and (last_day is None or d <= last_day))
-        return StatsReply(
-            known=True,
-            days=[days[d].stats(day_to_date(d), extra) for d in selected],
-            summary=summarize([days[d] for d in selected], extra),
+        encode = self._encode
+        if extra:
+            fragments = [encode(days[d].stats(day_to_date(d), extra)) for d in selected]
+        else:
+            fragments = [self._day_json(customer_id, d, days[d]) for d in selected]
+        head = encode(
+            {
+                "customer_id": customer_id,
+                "from": day_to_date(first_day),
+                "to": None if last_day is None else day_to_date(last_day),
+            }
         )
+        if extra:
+            summary = encode(summarize([days[d] for d in selected], extra))
+        else:
+            summary = self._summary_json(
+                customer_id, first_day, last_day, [days[d] for d in selected]
+            )
+        return b"".join(
+            (head[:-1], b',"days":[', b",".join(fragments), b'],"summary":', summary, b"}")
+        )
+
+    def _summary_json(
+        self, customer_id: str, first_day: int, last_day: int | None, aggs: list[DayAggregate]
+    ) -> bytes:
+        ranges = self._summaries.setdefault(customer_id, {})
+        key = (first_day, last_day)
+        cached = ranges.get(key)
+        if cached is None:
+            cached = ranges[key] = self._encode(summarize(aggs))
+        return cached
+
+    def _day_json(self, customer_id: str, day: int, agg: DayAggregate) -> bytes:
+        key = (customer_id, day)
+        cached = self._json.get(key)
+        if cached is None:
+            cached = self._json[key] = self._encode(agg.stats(day_to_date(day)))
+        return cached
 
     def take_dirty(self) -> list[SnapshotRow]:
         """Rows for every customer-day changed since the last call, and forget the changes."""

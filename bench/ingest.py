@@ -1,8 +1,10 @@
-"""Ingest throughput of the real server: `statsd-server load` and one raw TCP connection.
+"""Ingest throughput of the real server, against a naive single-process parser.
 
-    python bench/ingest.py [--lines 1000000] [--customers 1000] [--days 30] [--shards 2]
+    python bench/ingest.py [--lines 2000000] [--customers 1000] [--days 30] [--shards 2]
 
-Prints lines/s end to end (command start to the server's summary) and the server's RSS.
+Prints lines/s end to end (command start to the server's summary) for `statsd-server load`
+and for one raw TCP connection, the server's RSS per customer-day, and the textbook Python
+approach measured in the same run (read lines, split, group in dicts) with the ratio.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import socket
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 from _server import BenchServer, generate
+
+SNAPSHOT_INTERVAL = 5  # the server's default
 
 
 def raw_connection(port: int, path: Path) -> float:
@@ -28,9 +33,26 @@ def raw_connection(port: int, path: Path) -> float:
     return time.perf_counter() - start
 
 
+def naive(path: Path) -> float:
+    """The textbook single-process parser: one Python object per line, dicts per day."""
+    start = time.perf_counter()
+    days: dict[tuple[str, str], list] = defaultdict(lambda: [0, 0, 0, 0.0, []])
+    with open(path) as f:
+        for line in f:
+            date, _time, customer, _path, status, duration = line.split()
+            agg = days[customer, date]
+            code, seconds = int(status), float(duration)
+            agg[0] += 1
+            agg[1] += code < 400
+            agg[2] += code >= 500
+            agg[3] += seconds
+            agg[4].append(seconds)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--lines", type=int, default=1_000_000)
+    p.add_argument("--lines", type=int, default=2_000_000)
     p.add_argument("--customers", type=int, default=1000)
     p.add_argument("--days", type=int, default=30)
     p.add_argument("--shards", type=int, default=os.cpu_count() or 2)
@@ -39,21 +61,37 @@ def main() -> None:
     log = Path(tempfile.mkdtemp()) / "bench.log"
     generate(log, args.lines, args.customers, args.days)
     size_mb = log.stat().st_size / 1e6
+    customer_days = args.customers * (args.days + 1)
     print(
-        f"{args.lines:,} lines ({size_mb:.0f} MB), {args.customers} customers, "
+        f"{args.lines:,} lines ({size_mb:.0f} MB), {args.customers} customers x "
         f"{args.days + 1} days, {args.shards} shards, {os.cpu_count()} CPUs"
     )
 
     server = BenchServer(args.shards)
     try:
-        print(f"RSS at start: {server.rss_mb():.0f} MB")
+        empty = server.rss_mb()
         took, out = server.load(log, args.connections)
-        print(f"statsd-server load: {args.lines / took:,.0f} lines/s ({took:.2f} s) {out}")
-        print(f"RSS after load: {server.rss_mb():.0f} MB")
+        load_rate = args.lines / took
+        print(f"statsd-server load: {load_rate:,.0f} lines/s ({took:.2f} s) {out}")
+        time.sleep(SNAPSHOT_INTERVAL + 1)  # a snapshot, after which shards return freed memory
+        loaded = server.rss_mb()
+        print(
+            f"server RSS: {empty:.0f} MB empty, {loaded:.0f} MB loaded: "
+            f"{(loaded - empty) * 1024 / min(customer_days, args.lines):.1f} KB per customer-day"
+        )
+    finally:
+        server.stop()
+    server = BenchServer(args.shards)
+    try:
         took = raw_connection(server.tcp_port, log)
         print(f"one raw connection: {args.lines / took:,.0f} lines/s ({took:.2f} s)")
     finally:
         server.stop()
+    took = naive(log)
+    print(
+        f"naive single-process parser: {args.lines / took:,.0f} lines/s ({took:.2f} s); "
+        f"load is {load_rate * took / args.lines:.1f}x that"
+    )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""Stats query throughput of the real server: random customers and ranges, N connections.
+"""Stats query throughput of the real server, against a minimal aiohttp endpoint.
 
     python bench/query.py [--lines 1000000] [--connections 64] [--seconds 10]
 
-Loads generated data, then runs an aiohttp client from a separate process and prints
-requests/s with p50/p99 latency. (wrk gives higher figures, its client costs less CPU.)
+Loads generated data (1,000 customers x 31 days), then drives random customers and `from`
+days with wrk (bench/query.lua) if it is installed, else with an aiohttp client (which
+costs more CPU and reads lower). Prints requests/s, p50/p99 latency and errors for a cold
+and a warm run, and for a one-process aiohttp + uvloop endpoint returning a constant JSON
+body (bench/minimal_app.py), measured the same way in the same run.
 """
 
 from __future__ import annotations
@@ -13,21 +16,57 @@ import asyncio
 import datetime as dt
 import os
 import random
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 import numpy as np
-from _server import BenchServer, generate
+from _server import BenchServer, free_port, generate
+
+HERE = Path(__file__).resolve().parent
 
 
-async def hammer(port: int, customers: int, days: list[str], conns: int, seconds: float) -> None:
+def wrk(port: int, customers: int, first_day: str, conns: int, seconds: float) -> str:
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{conns}",
+            f"-d{seconds}s",
+            "--latency",
+            "-s",
+            str(HERE / "query.lua"),
+            f"http://127.0.0.1:{port}",
+            "--",
+            str(customers),
+            first_day,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
+    p50 = re.search(r"50%\s+([\d.]+\w+)", out)[1]
+    p99 = re.search(r"99%\s+([\d.]+\w+)", out)[1]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    socket_errors = re.search(r"Socket errors: (.*)", out)
+    return (
+        f"{rate:,.0f} requests/s, p50 {p50}, p99 {p99}, "
+        f"{errors[1] if errors else 0} non-2xx"
+        + (f", socket errors: {socket_errors[1]}" if socket_errors else "")
+    ), rate
+
+
+async def aiohttp_client(port: int, customers: int, days: list[str], conns: int, seconds: float):
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=conns)
 
     async def worker(session: aiohttp.ClientSession, rng: random.Random) -> None:
         nonlocal errors
@@ -39,19 +78,25 @@ async def hammer(port: int, customers: int, days: list[str], conns: int, seconds
             t = time.perf_counter()
             async with session.get(url) as resp:
                 await resp.read()
-                if resp.status != 200:
-                    errors += 1
+                errors += resp.status != 200
             latencies.append(time.perf_counter() - t)
 
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conns)) as session:
         start = time.perf_counter()
         await asyncio.gather(*(worker(session, random.Random(i)) for i in range(conns)))
         took = time.perf_counter() - start
     lat = np.array(latencies) * 1000
-    print(
-        f"{len(lat) / took:,.0f} requests/s, p50 {np.percentile(lat, 50):.1f} ms, "
-        f"p99 {np.percentile(lat, 99):.1f} ms, {errors} errors, {conns} connections"
-    )
+    rate = len(lat) / took
+    return (
+        f"{rate:,.0f} requests/s, p50 {np.percentile(lat, 50):.1f}ms, "
+        f"p99 {np.percentile(lat, 99):.1f}ms, {errors} non-2xx"
+    ), rate
+
+
+def measure(port: int, args: argparse.Namespace, days: list[str]) -> tuple[str, float]:
+    if shutil.which("wrk"):
+        return wrk(port, args.customers, days[0], args.connections, args.seconds)
+    return asyncio.run(aiohttp_client(port, args.customers, days, args.connections, args.seconds))
 
 
 def main() -> None:
@@ -64,14 +109,37 @@ def main() -> None:
     args = p.parse_args()
     log = Path(tempfile.mkdtemp()) / "bench.log"
     generate(log, args.lines, args.customers, 30)
+    today = dt.datetime.now(dt.UTC).date()
+    days = [(today - dt.timedelta(days=30 - i)).isoformat() for i in range(31)]
+    client = "wrk -t2" if shutil.which("wrk") else "aiohttp client"
+    print(
+        f"{args.lines:,} lines loaded, {args.customers} customers x 31 days, {args.shards} "
+        f"shards, {client}, {args.connections} connections, {args.seconds:g} s per run"
+    )
     server = BenchServer(args.shards)
     try:
         server.load(log)
-        today = dt.datetime.now(dt.UTC).date()
-        days = [(today - dt.timedelta(days=i)).isoformat() for i in range(31)]
-        asyncio.run(hammer(server.http_port, args.customers, days, args.connections, args.seconds))
+        text, _ = measure(server.http_port, args, days)
+        print(f"stats, first run (cold caches): {text}")
+        text, ours = measure(server.http_port, args, days)
+        print(f"stats, second run:              {text}")
     finally:
         server.stop()
+    port = free_port()
+    baseline = subprocess.Popen([sys.executable, str(HERE / "minimal_app.py"), str(port)])
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/x").read()
+                break
+            except OSError:
+                time.sleep(0.1)
+        text, theirs = measure(port, args, days)
+        print(f"minimal aiohttp endpoint:       {text}")
+        print(f"stats / minimal: {ours / theirs:.2f}")
+    finally:
+        baseline.terminate()
+        baseline.wait()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from statsd_server import logs
 from statsd_server.config import Settings
 from statsd_server.errors import ShardUnavailable, SnapshotError
 from statsd_server.ingest import Dispatcher, IngestSession
+from statsd_server.memory import release_free_memory
 from statsd_server.messages import (
     ApplyBatch,
     Body,
@@ -231,6 +232,7 @@ class ShardWorker:
                 raise
             if rows:
                 log.debug("snapshot: %d customer-days", len(rows))
+                release_free_memory()  # after an ingest burst, not per batch: it takes a few ms
 
     # -- ingest over TCP ---------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ def wrk(port: int, customers: int, first_day: str, conns: int, seconds: float) -
             "wrk",
             "-t2",
             f"-c{conns}",
-            f"-d{seconds}s",
+            f"-d{seconds:g}s",
             "--latency",
             "-s",
             str(HERE / "query.lua"),

@@ -53,21 +53,25 @@ class ShardClient:
 
     async def request(self, body: Body, timeout: float) -> Body:
         """Send one request and wait for its reply."""
-        try:
-            writer = await asyncio.wait_for(self._connect(), timeout)
-        except (TimeoutError, OSError) as exc:
-            raise ShardUnavailable(self.shard, f"cannot connect: {exc or 'timeout'}") from exc
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            try:
+                writer = await asyncio.wait_for(self._connect(), timeout)
+            except (OSError, TimeoutError) as exc:
+                raise ShardUnavailable(self.shard, f"cannot connect: {exc or 'timeout'}") from exc
+        loop = asyncio.get_running_loop()
         request_id = next(self._ids)
-        future: asyncio.Future[Body] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Body] = loop.create_future()
         self._pending[request_id] = future
+        # A timer, not wait_for(): wait_for wraps every request in a task of its own.
+        timer = loop.call_later(timeout, _expire, future, self.shard, timeout)
         try:
             writer.write(self._codec.frame(Envelope(request_id, body)))
-            reply = await asyncio.wait_for(future, timeout)
-        except TimeoutError as exc:
-            raise ShardUnavailable(self.shard, f"no reply within {timeout:g}s") from exc
+            reply = await future
         except ConnectionError as exc:
             raise ShardUnavailable(self.shard, str(exc)) from exc
         finally:
+            timer.cancel()
             self._pending.pop(request_id, None)
         if isinstance(reply, ErrorReply):
             raise ShardUnavailable(self.shard, reply.message)
@@ -111,29 +115,57 @@ class ShardClient:
                 await self._reader_task
 
 
+def _expire(future: asyncio.Future[Body], shard: int, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(ShardUnavailable(shard, f"no reply within {timeout:g}s"))
+
+
 Handler = Callable[[Body], Awaitable[Body]]
+QuickHandler = Callable[[Body], Body | None]
 
 
 async def serve_connection(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler, codec: Codec
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    quick: QuickHandler,
+    slow: Handler,
+    codec: Codec,
 ) -> None:
-    """Answer the requests on one connection, each in its own task so slow ones don't block."""
+    """Answer the requests on one connection.
+
+    `quick` answers at once (or returns None); the rest go to `slow`, each in its own task so
+    a long request (a drain) does not hold up the others.
+    """
     tasks: set[asyncio.Task[None]] = set()
 
-    async def answer(envelope: Envelope) -> None:
-        try:
-            reply = await handler(envelope.body)
-        except Exception as exc:  # the peer gets the error; this process keeps serving
-            log.exception("request %s failed", type(envelope.body).__name__)
-            reply = ErrorReply(message=f"{type(exc).__name__}: {exc}")
+    def send(request_id: int, reply: Body) -> None:
         if not writer.is_closing():
-            writer.write(codec.frame(Envelope(envelope.id, reply)))
+            writer.write(codec.frame(Envelope(request_id, reply)))
+
+    def failed(envelope: Envelope, exc: Exception) -> ErrorReply:
+        log.error("request %s failed", type(envelope.body).__name__, exc_info=exc)
+        return ErrorReply(message=f"{type(exc).__name__}: {exc}")
+
+    async def answer_later(envelope: Envelope) -> None:
+        try:
+            reply = await slow(envelope.body)
+        except Exception as exc:  # the peer gets the error; this process keeps serving
+            reply = failed(envelope, exc)
+        send(envelope.id, reply)
 
     try:
         while (payload := await read_frame(reader)) is not None:
-            task = asyncio.create_task(answer(codec.decode(payload)))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            envelope = codec.decode(payload)
+            try:
+                reply = quick(envelope.body)
+            except Exception as exc:  # as above
+                reply = failed(envelope, exc)
+            if reply is not None:
+                send(envelope.id, reply)
+            else:
+                task = asyncio.create_task(answer_later(envelope))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
             if writer.transport.get_write_buffer_size() > 64 * 1024 * 1024:
                 await writer.drain()
     except (OSError, asyncio.IncompleteReadError, ValueError) as exc:

@@ -51,6 +51,10 @@ from statsd_server.store import ShardStore
 log = logging.getLogger(__name__)
 
 READ_SIZE = 4 * 1024 * 1024
+# Queued batches are applied this long after the first arrives, so the first query after an
+# ingest burst does not pay for applying it.
+FLUSH_DELAY = 0.05
+SNAPSHOT_SLICE = 2000
 # How long open ingest connections may take to finish when the server stops.
 DRAIN_GRACE = 10.0
 
@@ -132,6 +136,7 @@ class ShardWorker:
         )
         # The supervisor holds the other end of this pipe; EOF means it is gone.
         loop.add_reader(self._parent.fileno(), self._on_parent_message)
+        self.store.on_queued = self._schedule_flush
         snapshots = asyncio.create_task(self._snapshot_loop())
         self._parent.send(("ready", None))
 
@@ -163,6 +168,9 @@ class ShardWorker:
             log.warning("supervisor is gone; stopping")
             asyncio.get_running_loop().remove_reader(self._parent.fileno())
             self._spawn(self._stop_alone())
+
+    def _schedule_flush(self) -> None:
+        asyncio.get_running_loop().call_later(FLUSH_DELAY, self.store.flush)
 
     def _spawn(self, coro: Coroutine[None, None, None]) -> None:
         """Run a task from a callback, holding a reference until it is done."""
@@ -217,7 +225,12 @@ class ShardWorker:
             self.store.advance(self._newest_day.get())
             if self.store.newest_day == NO_DAY:
                 return
-            rows = self.store.take_dirty()
+            keys = self.store.take_dirty()
+            rows = []
+            # Serializing tens of thousands of days takes a while: let queries in between.
+            for start in range(0, len(keys), SNAPSHOT_SLICE):
+                rows += self.store.rows(keys[start : start + SNAPSHOT_SLICE])
+                await asyncio.sleep(0)
             assert self._db is not None
             try:
                 await asyncio.get_running_loop().run_in_executor(
@@ -266,11 +279,14 @@ class ShardWorker:
     async def _serve_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._peers.add(writer)
         try:
-            await serve_connection(reader, writer, self._handle, self._codec)
+            await serve_connection(
+                reader, writer, self._handle_now, self._handle_later, self._codec
+            )
         finally:
             self._peers.discard(writer)
 
-    async def _handle(self, body: Body) -> Body:
+    def _handle_now(self, body: Body) -> Body | None:
+        """Requests answered at once; None for those that must wait (drain, shutdown)."""
         if isinstance(body, ApplyBatch):
             customer, day, status, duration = body.columns()
             return self.store.enqueue(
@@ -284,14 +300,18 @@ class ShardWorker:
             return StatsReply(known=answer is not None, body=answer or b"")
         if isinstance(body, Ping):
             return Pong(self.index, len(self.store.customers), self.store.customer_days)
+        if isinstance(body, Drain | Shutdown):
+            return None
+        return ErrorReply(message=f"unexpected request {type(body).__name__}")
+
+    async def _handle_later(self, body: Body) -> Body:
         if isinstance(body, Drain):
             await self._drain()
             return Drained()
-        if isinstance(body, Shutdown):
-            try:
-                await self._final_snapshot()
-            finally:
-                # Stop after the reply is on its way, whether or not the snapshot worked.
-                asyncio.get_running_loop().call_later(0.05, self._stopped.set)
-            return ShutdownDone()
-        return ErrorReply(message=f"unexpected request {type(body).__name__}")
+        assert isinstance(body, Shutdown), body
+        try:
+            await self._final_snapshot()
+        finally:
+            # Stop after the reply is on its way, whether or not the snapshot worked.
+            asyncio.get_running_loop().call_later(0.05, self._stopped.set)
+        return ShutdownDone()

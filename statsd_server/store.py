@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import NamedTuple
 
 import msgspec
@@ -54,6 +55,8 @@ class ShardStore:
         self._queue: list[_Queued] = []
         self._queued_lines = 0
         self._queued_newest = NO_DAY
+        # Called when a batch lands in an empty queue (the shard schedules a flush).
+        self.on_queued: Callable[[], None] | None = None
         # Encoded figures of days, and of ranges' summaries, queried since they last changed.
         self._json: dict[tuple[str, int], bytes] = {}
         self._summaries: dict[str, dict[tuple[int, int | None], bytes]] = {}
@@ -94,6 +97,8 @@ class ShardStore:
         newest_day: int,
     ) -> Applied:
         """Take a batch; it is folded in with others, before anything reads the aggregates."""
+        if not self._queue and self.on_queued is not None:
+            self.on_queued()
         self._queue.append(_Queued(customers, customer, day, status, duration))
         self._queued_lines += len(day)
         self._queued_newest = max(self._queued_newest, newest_day)
@@ -246,14 +251,20 @@ class ShardStore:
             cached = self._json[key] = self._encode(agg.stats(day_to_date(day)))
         return cached
 
-    def take_dirty(self) -> list[SnapshotRow]:
-        """Rows for every customer-day changed since the last call, and forget the changes."""
+    def take_dirty(self) -> list[tuple[str, int]]:
+        """The customer-days changed since the last call (queued batches applied first)."""
         self.flush()
-        rows = []
-        for customer_id, d in self._dirty:
-            agg = self.customers[customer_id][d]
-            rows.append(SnapshotRow.from_aggregate(customer_id, d, agg))
+        keys = list(self._dirty)
         self._dirty = set()
+        return keys
+
+    def rows(self, keys: list[tuple[str, int]]) -> list[SnapshotRow]:
+        """Snapshot rows of these customer-days (those expired meanwhile are left out)."""
+        rows = []
+        for customer_id, d in keys:
+            agg = self.customers.get(customer_id, {}).get(d)
+            if agg is not None:
+                rows.append(SnapshotRow.from_aggregate(customer_id, d, agg))
         return rows
 
     def mark_dirty(self, rows: list[SnapshotRow]) -> None:

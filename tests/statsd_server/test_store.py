@@ -74,6 +74,6 @@ def test_large_batches_apply_before_they_are_read() -> None:
     rng = np.random.default_rng(0)
     for _ in range(3):
         put(store, "big", DAY, rng.uniform(0.1, 2.0, 200_000).tolist())
-    rows = store.take_dirty()
+    rows = store.rows(store.take_dirty())
     assert [(r.customer_id, r.day, r.total) for r in rows] == [("big", DAY, 600_000)]
     assert ask(store, "big", DAY)["summary"]["total_requests"] == 600_000

@@ -17,7 +17,7 @@ from statsd_server.newest_day import NO_DAY, NewestDay
 from statsd_server.parse import ParsedChunk, apply_time_rules, concat_chunks, parse_chunk
 from statsd_server.routing import Router
 from statsd_server.rpc import ShardClient
-from statsd_server.store import ShardStore
+from statsd_server.store import Batch, ShardStore
 from statsd_server.summary import IngestSummary
 
 APPLY_TIMEOUT = 120.0
@@ -41,9 +41,8 @@ class Dispatcher:
 
     async def apply(self, shard: int, part: ParsedChunk, newest_day: int) -> Applied:
         if self._local is not None and self._local[0] == shard:
-            return self._local[1].enqueue(
-                part.customers, part.customer, part.day, part.status, part.duration, newest_day
-            )
+            batch = Batch(part.customers, part.customer, part.day, part.status, part.duration)
+            return self._local[1].enqueue(batch, newest_day)
         reply = await self._clients[shard].request(ApplyBatch.from_chunk(part), APPLY_TIMEOUT)
         assert isinstance(reply, Applied), reply
         return reply

@@ -46,7 +46,7 @@ from statsd_server.messages import (
 from statsd_server.newest_day import NO_DAY, NewestDay
 from statsd_server.routing import Router
 from statsd_server.rpc import ShardClient, serve_connection, socket_path
-from statsd_server.store import ShardStore
+from statsd_server.store import Batch, ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -288,9 +288,8 @@ class ShardWorker:
     def _handle_now(self, body: Body) -> Body | None:
         """Requests answered at once; None for those that must wait (drain, shutdown)."""
         if isinstance(body, ApplyBatch):
-            customer, day, status, duration = body.columns()
             return self.store.enqueue(
-                body.customers, customer, day, status, duration, self._newest_day.get()
+                Batch(body.customers, *body.columns()), self._newest_day.get()
             )
         if isinstance(body, StatsQuery):
             self.store.advance(self._newest_day.get())

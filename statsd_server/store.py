@@ -31,7 +31,9 @@ def date_to_day(date: dt.date) -> int:
 APPLY_BATCH = 524_288
 
 
-class _Queued(NamedTuple):
+class Batch(NamedTuple):
+    """Requests for one shard, as columns; `customer` indexes into `customers`."""
+
     customers: list[str]
     customer: np.ndarray
     day: np.ndarray
@@ -52,7 +54,7 @@ class ShardStore:
         self.customers: dict[str, dict[int, DayAggregate]] = {}
         self.newest_day = NO_DAY
         self._dirty: set[tuple[str, int]] = set()
-        self._queue: list[_Queued] = []
+        self._queue: list[Batch] = []
         self._queued_lines = 0
         self._queued_newest = NO_DAY
         # Called when a batch lands in an empty queue (the shard schedules a flush).
@@ -87,24 +89,16 @@ class ShardStore:
             if not days:
                 del self.customers[customer_id]
 
-    def enqueue(
-        self,
-        customers: list[str],
-        customer: np.ndarray,
-        day: np.ndarray,
-        status: np.ndarray,
-        duration: np.ndarray,
-        newest_day: int,
-    ) -> Applied:
+    def enqueue(self, batch: Batch, newest_day: int) -> Applied:
         """Take a batch; it is folded in with others, before anything reads the aggregates."""
         if not self._queue and self.on_queued is not None:
             self.on_queued()
-        self._queue.append(_Queued(customers, customer, day, status, duration))
-        self._queued_lines += len(day)
+        self._queue.append(batch)
+        self._queued_lines += len(batch.day)
         self._queued_newest = max(self._queued_newest, newest_day)
         if self._queued_lines >= APPLY_BATCH:
             self.flush()
-        return Applied(stored=len(day))
+        return Applied(stored=len(batch.day))
 
     def flush(self) -> None:
         """Apply every queued batch as one."""
@@ -115,30 +109,23 @@ class ShardStore:
         customers, customer = merge_customers(
             [q.customers for q in queue], [q.customer for q in queue]
         )
-        self.apply(
+        merged = Batch(
             customers,
             customer,
             np.concatenate([q.day for q in queue]),
             np.concatenate([q.status for q in queue]),
             np.concatenate([q.duration for q in queue]),
-            newest,
         )
+        self.apply(merged, newest)
 
-    def apply(
-        self,
-        customers: list[str],
-        customer: np.ndarray,
-        day: np.ndarray,
-        status: np.ndarray,
-        duration: np.ndarray,
-        newest_day: int,
-    ) -> Applied:
+    def apply(self, batch: Batch, newest_day: int) -> None:
         """Fold a batch of requests into the aggregates, one sketch update per customer-day.
 
         Requests for days that left retention since they were accepted (a newer line arrived
         meanwhile, possibly on another connection) are dropped, as their day is.
         """
         self.advance(newest_day)
+        customers, customer, day, status, duration = batch
         if len(day) and self.newest_day != NO_DAY:
             keep = day >= self.cutoff_day
             if not keep.all():
@@ -150,7 +137,7 @@ class ShardStore:
                 )
         n = len(day)
         if n == 0:
-            return Applied(stored=0)
+            return
         first_day = int(day.min())
         span = int(day.max()) - first_day + 1
         key = customer.astype(np.int64) * span + (day.astype(np.int64) - first_day)
@@ -192,7 +179,6 @@ class ShardStore:
             dirty.add((customer_id, d))
             encoded.pop((customer_id, d), None)
             summaries.pop(customer_id, None)
-        return Applied(stored=n)
 
     def query(
         self,

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from sketches import SketchConfig
-from statsd_server.store import ShardStore
+from statsd_server.store import Batch, ShardStore
 
 DAY = 20_000  # days since the epoch
 
@@ -16,14 +16,14 @@ def put(
     store: ShardStore, customer: str, day: int, durations: list[float], status: int = 200
 ) -> None:
     n = len(durations)
-    store.enqueue(
+    batch = Batch(
         [customer],
         np.zeros(n, np.int32),
         np.full(n, day, np.int32),
         np.full(n, status, np.int16),
         np.array(durations, np.float64),
-        newest_day=day,
     )
+    store.enqueue(batch, newest_day=day)
 
 
 def ask(store: ShardStore, customer: str, first: int, last: int | None = None) -> dict:

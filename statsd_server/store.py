@@ -29,6 +29,8 @@ def date_to_day(date: dt.date) -> int:
 # Requests queued before they are folded in: one apply costs a Python step per
 # (customer, day) in it, so batches this large make applying several times cheaper per line.
 APPLY_BATCH = 524_288
+# Summaries of ranges kept per customer (each ~300 bytes); past this the customer's are dropped.
+MAX_CACHED_RANGES = 64
 
 
 class Batch(NamedTuple):
@@ -61,7 +63,7 @@ class ShardStore:
         self.on_queued: Callable[[], None] | None = None
         # Encoded figures of days, and of ranges' summaries, queried since they last changed.
         self._json: dict[tuple[str, int], bytes] = {}
-        self._summaries: dict[str, dict[tuple[int, int | None], bytes]] = {}
+        self._summaries: dict[str, dict[tuple[int, int], bytes]] = {}
         self._encode = msgspec.json.Encoder().encode
 
     @property
@@ -213,20 +215,24 @@ class ShardStore:
         if extra:
             summary = encode(summarize([days[d] for d in selected], extra))
         else:
-            summary = self._summary_json(
-                customer_id, first_day, last_day, [days[d] for d in selected]
-            )
+            summary = self._summary_json(customer_id, selected, [days[d] for d in selected])
         return b"".join(
             (head[:-1], b',"days":[', b",".join(fragments), b'],"summary":', summary, b"}")
         )
 
     def _summary_json(
-        self, customer_id: str, first_day: int, last_day: int | None, aggs: list[DayAggregate]
+        self, customer_id: str, selected: list[int], aggs: list[DayAggregate]
     ) -> bytes:
+        # Keyed by the days the range selects (all of the customer's days between the first
+        # and the last), not by the query's dates, so made-up ranges cannot grow the cache.
+        if not selected:
+            return self._encode(summarize(aggs))
         ranges = self._summaries.setdefault(customer_id, {})
-        key = (first_day, last_day)
+        key = (selected[0], selected[-1])
         cached = ranges.get(key)
         if cached is None:
+            if len(ranges) >= MAX_CACHED_RANGES:
+                ranges.clear()
             cached = ranges[key] = self._encode(summarize(aggs))
         return cached
 

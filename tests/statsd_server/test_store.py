@@ -77,3 +77,16 @@ def test_large_batches_apply_before_they_are_read() -> None:
     rows = store.rows(store.take_dirty())
     assert [(r.customer_id, r.day, r.total) for r in rows] == [("big", DAY, 600_000)]
     assert ask(store, "big", DAY)["summary"]["total_requests"] == 600_000
+
+
+def test_made_up_ranges_do_not_grow_the_summary_cache() -> None:
+    """Thousands of different from/to pairs over the same days share cached summaries."""
+    store = ShardStore(SketchConfig(), retention_days=30)
+    put(store, "c", DAY, [0.1])
+    put(store, "c", DAY + 1, [0.2])
+    answers = {
+        ask(store, "c", DAY - i % 1000, DAY + 1 + i)["summary"]["total_requests"]
+        for i in range(2000)
+    }
+    assert answers == {2}
+    assert sum(len(r) for r in store._summaries.values()) <= 64

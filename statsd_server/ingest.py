@@ -26,7 +26,7 @@ MAX_IN_FLIGHT = 8
 # Requests collected per shard before they are sent (the owner queues them further, see
 # ShardStore): fewer, larger messages between processes.
 SEND_BATCH = 65_536
-# A stream that pauses this long has what it sent so far applied (visible to queries).
+# What a stream has sent is sent on to the shards within this long, even mid-stream.
 IDLE_FLUSH = 0.2
 
 
@@ -79,8 +79,10 @@ class IngestSession:
         chunk = self._framer.feed(data)
         if chunk:
             await self._process(chunk)
-        if self._pending:
-            self._arm_idle_flush()
+        if self._pending and self._idle_timer is None:
+            # Started once, not pushed back by every read: a stream that never pauses still
+            # has its lines sent on within IDLE_FLUSH.
+            self._idle_timer = asyncio.get_running_loop().call_later(IDLE_FLUSH, self._on_idle)
 
     async def finish(self) -> IngestSummary:
         """Apply everything received and return the summary; raises if a shard failed."""
@@ -97,9 +99,8 @@ class IngestSession:
         return IngestSummary(self._accepted, sum(rejected.values()), rejected)
 
     async def abort(self) -> None:
-        """Stop without a summary, waiting for batches already sent."""
-        self._cancel_idle_flush()
-        self._pending.clear()
+        """Stop without a summary: what was received is still sent on, as far as it goes."""
+        await self._flush()
         await self._wait_in_flight()
 
     async def _wait_in_flight(self) -> None:
@@ -138,11 +139,6 @@ class IngestSession:
         self._cancel_idle_flush()
         for shard in list(self._pending):
             await self._dispatch(shard)
-
-    def _arm_idle_flush(self) -> None:
-        self._cancel_idle_flush()
-        loop = asyncio.get_running_loop()
-        self._idle_timer = loop.call_later(IDLE_FLUSH, self._on_idle)
 
     def _cancel_idle_flush(self) -> None:
         if self._idle_timer is not None:

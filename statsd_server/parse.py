@@ -163,9 +163,14 @@ def parse_chunk(data: bytes) -> ParsedChunk:
     slow_mask = ~blank & ~too_long
     slow_mask[fast_lines] = False
     slow_requests: list[Request] = []
+    slow_lines: list[int] = []
+    slow_index = np.flatnonzero(slow_mask)
     # The exact path gets the line with its \r, if any, and strips it itself.
-    for start, end in zip(
-        line_start[slow_mask].tolist(), line_end[slow_mask].tolist(), strict=True
+    for i, start, end in zip(
+        slow_index.tolist(),
+        line_start[slow_index].tolist(),
+        line_end[slow_index].tolist(),
+        strict=True,
     ):
         result = parse_line(data[start:end])
         if result is None:
@@ -174,10 +179,14 @@ def parse_chunk(data: bytes) -> ParsedChunk:
             rejected[result] += 1
         else:
             slow_requests.append(result)
+            slow_lines.append(i)
 
     chunk = _fast_columns(data, padded, fast, fast_lines, tok_start, tok_end, first_token)
     if slow_requests:
         chunk = _append_requests(chunk, slow_requests)
+        # Back into line order: the expiry rule reads the stream in order.
+        order = np.argsort(np.concatenate([fast_lines, slow_lines]), kind="stable")
+        chunk = chunk.take(order)
     chunk.rejected = rejected
     return chunk
 

@@ -51,9 +51,10 @@ from statsd_server.store import Batch, ShardStore
 log = logging.getLogger(__name__)
 
 READ_SIZE = 4 * 1024 * 1024
-# Queued batches are applied this long after the first arrives, so the first query after an
-# ingest burst does not pay for applying it.
+# Queued batches are applied once no new one arrived for this long (so the first query after
+# an ingest burst does not pay for applying it), and at the latest this long after the first.
 FLUSH_DELAY = 0.05
+MAX_QUEUE_AGE = 1.0
 SNAPSHOT_SLICE = 2000
 # How long open ingest connections may take to finish when the server stops.
 DRAIN_GRACE = 10.0
@@ -170,7 +171,18 @@ class ShardWorker:
             self._spawn(self._stop_alone())
 
     def _schedule_flush(self) -> None:
-        asyncio.get_running_loop().call_later(FLUSH_DELAY, self.store.flush)
+        loop = asyncio.get_running_loop()
+        loop.call_later(FLUSH_DELAY, self._flush_when_quiet, loop.time(), self.store.queued_batches)
+
+    def _flush_when_quiet(self, first_queued: float, seen: int) -> None:
+        queued = self.store.queued_batches
+        if not queued:
+            return
+        loop = asyncio.get_running_loop()
+        if queued != seen and loop.time() - first_queued < MAX_QUEUE_AGE:
+            loop.call_later(FLUSH_DELAY, self._flush_when_quiet, first_queued, queued)
+            return
+        self.store.flush()
 
     def _spawn(self, coro: Coroutine[None, None, None]) -> None:
         """Run a task from a callback, holding a reference until it is done."""

@@ -91,6 +91,10 @@ class ShardStore:
             if not days:
                 del self.customers[customer_id]
 
+    @property
+    def queued_batches(self) -> int:
+        return len(self._queue)
+
     def enqueue(self, batch: Batch, newest_day: int) -> Applied:
         """Take a batch; it is folded in with others, before anything reads the aggregates."""
         if not self._queue and self.on_queued is not None:

@@ -365,9 +365,12 @@ def test_many_customers_hash_grouping_is_exact() -> None:
 def test_time_rules_do_not_depend_on_chunking() -> None:
     """Cutting the same stream into chunks anywhere gives the same accepted and rejected lines."""
     lines = [
-        b"2024-08-01 00:00:00 a /x 200 1",  # fine at first ...
+        # JSON lines take the exact path; they keep their place in the stream all the same
+        b'{"timestamp": "2024-08-01T00:00:00Z", "customer_id": "a", "request_path": "/x",'
+        b' "status_code": 200, "duration": 1}',  # fine at first ...
         b"2024-09-10 00:00:00 b /x 200 1",  # ... then the window moves to 08-11
-        b"2024-08-05 00:00:00 c /x 200 1",  # expired now
+        b'{"timestamp": "2024-08-05T00:00:00Z", "customer_id": "c", "request_path": "/x",'
+        b' "status_code": 200, "duration": 1}',  # expired now
         b"2024-08-20 00:00:00 d /x 200 1",
         b"2024-09-11 00:00:00 e /x 200 1",
         b"2024-08-11 00:00:00 f /x 200 1",  # expired (window starts 08-12)

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -221,3 +222,32 @@ def test_post_in_flight_at_shutdown_completes(server_factory: Any) -> None:
     status, got = restarted.get(f"/customers/slowpost/stats?from={day}")
     assert status == 200
     assert (got["summary"]["total_requests"], got["summary"]["server_errors"]) == (4, 3)
+
+
+@pytest.mark.slow
+def test_a_slow_steady_stream_is_visible_mid_stream_and_kept(server_factory: Any) -> None:
+    """Lines trickling in without pause are applied within moments, and kept if the client drops."""
+    server: Server = server_factory(shards=2)
+    owners = owned_customers(2)
+    day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+    sock = socket.create_connection(("127.0.0.1", server.tcp_port), timeout=30)
+    sent = 0
+    for _ in range(30):
+        for customer in owners.values():
+            sock.sendall(f"{day} 12:00:00 {customer} /a 200 0.5\n".encode())
+        sent += 1
+        time.sleep(0.05)
+    time.sleep(1.5)  # the session's batch timer and the owner's queue timer
+    for customer in owners.values():
+        status, body = server.get(f"/customers/{customer}/stats?from={day}")
+        assert status == 200 and body["summary"]["total_requests"] == sent, body
+    for customer in owners.values():
+        sock.sendall(f"{day} 12:00:00 {customer} /a 200 0.5\n".encode())
+    time.sleep(0.05)
+    # a reset instead of a half-close: no summary, but nothing received is thrown away
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+    time.sleep(1.5)
+    for customer in owners.values():
+        status, body = server.get(f"/customers/{customer}/stats?from={day}")
+        assert status == 200 and body["summary"]["total_requests"] == sent + 1, body

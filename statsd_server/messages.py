@@ -45,7 +45,7 @@ class ApplyBatch(msgspec.Struct, tag="apply", array_like=True):
 
 
 class Applied(msgspec.Struct, tag="applied", array_like=True):
-    """A batch was applied; `stored` of its requests were within retention when it arrived."""
+    """The owner took a batch of `stored` requests (queued; applied before anything reads)."""
 
     stored: int
 

@@ -21,7 +21,7 @@ def free_port() -> int:
 
 
 class BenchServer:
-    def __init__(self, shards: int) -> None:
+    def __init__(self, shards: int, **settings: str) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="statsd-bench-"))
         self.http_port, self.tcp_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("STATS_")}
@@ -32,6 +32,7 @@ class BenchServer:
             STATS_DATA_DIR=str(self.dir / "data"),
             STATS_LOG_LEVEL="warning",
         )
+        env.update(settings)
         self.proc = subprocess.Popen([sys.executable, "-m", "statsd_server", "serve"], env=env)
         for _ in range(300):
             try:

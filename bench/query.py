@@ -106,6 +106,7 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--shards", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--snapshot-interval", default="5", help="the server's STATS_SNAPSHOT_INTERVAL")
     args = p.parse_args()
     log = Path(tempfile.mkdtemp()) / "bench.log"
     generate(log, args.lines, args.customers, 30)
@@ -116,7 +117,7 @@ def main() -> None:
         f"{args.lines:,} lines loaded, {args.customers} customers x 31 days, {args.shards} "
         f"shards, {client}, {args.connections} connections, {args.seconds:g} s per run"
     )
-    server = BenchServer(args.shards)
+    server = BenchServer(args.shards, STATS_SNAPSHOT_INTERVAL=args.snapshot_interval)
     try:
         server.load(log)
         text, _ = measure(server.http_port, args, days)

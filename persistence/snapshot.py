@@ -8,8 +8,8 @@ can write their snapshots without blocking each other's readers.
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import sqlite_utils
 
@@ -21,12 +21,12 @@ DB_FILENAME = "stats.db"
 _BUSY_TIMEOUT_MS = 30_000
 
 
-@dataclass(frozen=True, slots=True)
-class SnapshotRow:
-    """One customer-day as stored."""
+class SnapshotRow(NamedTuple):
+    """One customer-day as stored, fields in column order (it binds as the INSERT's parameters)."""
 
     customer_id: str
     day: int
+    customer_key: int  # stable hash of the id: restore picks rows by customer_key % shards
     total: int
     successful: int
     client_errors: int
@@ -41,6 +41,7 @@ class SnapshotRow:
         return cls(
             customer_id,
             day,
+            customer_key(customer_id),
             agg.total,
             agg.successful,
             agg.client_errors,
@@ -97,25 +98,13 @@ class SnapshotDB:
         # this wait for the busy timeout; a deferred transaction could fail at once instead.
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # Rows are built by the caller: this thread only runs SQLite (which releases the
+            # GIL), so a snapshot does not hold up the shard's event loop.
             conn.executemany(
                 "INSERT OR REPLACE INTO days (customer_id, day, customer_key, total, successful,"
                 " client_errors, server_errors, duration_sum, sketch_kind, sketch)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        r.customer_id,
-                        r.day,
-                        customer_key(r.customer_id),
-                        r.total,
-                        r.successful,
-                        r.client_errors,
-                        r.server_errors,
-                        r.duration_sum,
-                        r.sketch_kind,
-                        r.sketch,
-                    )
-                    for r in rows
-                ],
+                rows,
             )
             conn.execute("DELETE FROM days WHERE day < ?", [cutoff_day])
             conn.execute(
@@ -133,8 +122,9 @@ class SnapshotDB:
         rows = [
             SnapshotRow(*r)
             for r in self.db.execute(
-                "SELECT customer_id, day, total, successful, client_errors, server_errors,"
-                " duration_sum, sketch_kind, sketch FROM days WHERE customer_key % ? = ?",
+                "SELECT customer_id, day, customer_key, total, successful, client_errors,"
+                " server_errors, duration_sum, sketch_kind, sketch FROM days"
+                " WHERE customer_key % ? = ?",
                 [shards, shard],
             ).fetchall()
         ]

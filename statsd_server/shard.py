@@ -55,7 +55,7 @@ READ_SIZE = 4 * 1024 * 1024
 # an ingest burst does not pay for applying it), and at the latest this long after the first.
 FLUSH_DELAY = 0.05
 MAX_QUEUE_AGE = 1.0
-SNAPSHOT_SLICE = 2000
+SNAPSHOT_SLICE = 500
 # How long open ingest connections may take to finish when the server stops.
 DRAIN_GRACE = 10.0
 
@@ -257,7 +257,11 @@ class ShardWorker:
                 raise
             if rows:
                 log.debug("snapshot: %d customer-days", len(rows))
-                release_free_memory()  # after an ingest burst, not per batch: it takes a few ms
+                # After an ingest burst, not per batch: it takes a few ms (off the loop thread;
+                # ctypes releases the GIL during the call).
+                await asyncio.get_running_loop().run_in_executor(
+                    self._executor, release_free_memory
+                )
 
     # -- ingest over TCP ---------------------------------------------------------------------
 

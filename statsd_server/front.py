@@ -9,7 +9,7 @@ import logging
 import re
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -59,13 +59,13 @@ class BadRequest(Exception):
     pass
 
 
-def _parse_date(params: dict[str, str] | object, name: str, required: bool) -> dt.date | None:
-    assert hasattr(params, "get")
+def _parse_date(params: Mapping[str, str], name: str, required: bool) -> dt.date | None:
     raw = params.get(name)
-    if raw is None or (raw == "" and required):
-        if required:
-            raise BadRequest(f"missing required query parameter '{name}' (YYYY-MM-DD)")
+    if raw is None and not required:
         return None
+    if not raw and required:
+        raise BadRequest(f"missing required query parameter '{name}' (YYYY-MM-DD)")
+    assert raw is not None
     if not _DATE.fullmatch(raw):
         raise BadRequest(f"invalid '{name}': expected a date as YYYY-MM-DD, got {raw[:64]!r}")
     try:

@@ -14,10 +14,10 @@ from collections.abc import Callable
 from statsd_server.framing import LineFramer
 from statsd_server.messages import Applied, ApplyBatch
 from statsd_server.newest_day import NO_DAY, NewestDay
-from statsd_server.parse import ParsedChunk, apply_time_rules, concat_chunks, parse_chunk
+from statsd_server.parse import Batch, apply_time_rules, concat_batches, parse_chunk
 from statsd_server.routing import Router
 from statsd_server.rpc import ShardClient
-from statsd_server.store import Batch, ShardStore
+from statsd_server.store import ShardStore
 from statsd_server.summary import IngestSummary
 
 APPLY_TIMEOUT = 120.0
@@ -39,11 +39,10 @@ class Dispatcher:
         self._clients = clients
         self._local = local
 
-    async def apply(self, shard: int, part: ParsedChunk, newest_day: int) -> Applied:
+    async def apply(self, shard: int, batch: Batch, newest_day: int) -> Applied:
         if self._local is not None and self._local[0] == shard:
-            batch = Batch(part.customers, part.customer, part.day, part.status, part.duration)
             return self._local[1].enqueue(batch, newest_day)
-        reply = await self._clients[shard].request(ApplyBatch.from_chunk(part), APPLY_TIMEOUT)
+        reply = await self._clients[shard].request(ApplyBatch.from_batch(batch), APPLY_TIMEOUT)
         assert isinstance(reply, Applied), reply
         return reply
 
@@ -70,7 +69,7 @@ class IngestSession:
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._errors: list[BaseException] = []
-        self._pending: dict[int, list[ParsedChunk]] = {}
+        self._pending: dict[int, list[Batch]] = {}
         self._pending_lines: dict[int, int] = {}
         self._idle_timer: asyncio.TimerHandle | None = None
 
@@ -118,7 +117,7 @@ class IngestSession:
             self._newest_day.publish(newest)
         self._rejected.update(parsed.rejected)
         for shard, part in self._router.split(parsed).items():
-            self._pending.setdefault(shard, []).append(part)
+            self._pending.setdefault(shard, []).append(part.batch())
             lines = self._pending_lines[shard] = self._pending_lines.get(shard, 0) + len(part)
             if lines >= SEND_BATCH:
                 await self._dispatch(shard)
@@ -129,7 +128,7 @@ class IngestSession:
         self._pending_lines.pop(shard, None)
         if not parts:
             return
-        batch = concat_chunks(parts)
+        batch = concat_batches(parts)
         await self._slots.acquire()
         task = asyncio.create_task(self._send(shard, batch, self._newest_day.get()))
         self._in_flight.add(task)
@@ -151,10 +150,10 @@ class IngestSession:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    async def _send(self, shard: int, part: ParsedChunk, newest_day: int) -> None:
+    async def _send(self, shard: int, batch: Batch, newest_day: int) -> None:
         try:
-            await self._dispatcher.apply(shard, part, newest_day)
-            self._accepted += len(part)
+            await self._dispatcher.apply(shard, batch, newest_day)
+            self._accepted += len(batch.day)
         except Exception as exc:  # reported by finish(); the session stops taking data
             self._errors.append(exc)
         finally:

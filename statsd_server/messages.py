@@ -10,7 +10,7 @@ import struct
 import msgspec
 import numpy as np
 
-from statsd_server.parse import ParsedChunk
+from statsd_server.parse import Batch
 
 FRAME_HEADER = struct.Struct(">I")
 MAX_FRAME_BYTES = 256 * 1024 * 1024
@@ -26,13 +26,13 @@ class ApplyBatch(msgspec.Struct, tag="apply", array_like=True):
     duration: bytes  # float64
 
     @classmethod
-    def from_chunk(cls, chunk: ParsedChunk) -> ApplyBatch:
+    def from_batch(cls, batch: Batch) -> ApplyBatch:
         return cls(
-            customers=chunk.customers,
-            customer=chunk.customer.astype("<i4").tobytes(),
-            day=chunk.day.astype("<i4").tobytes(),
-            status=chunk.status.astype("<i2").tobytes(),
-            duration=chunk.duration.astype("<f8").tobytes(),
+            customers=batch.customers,
+            customer=batch.customer.astype("<i4").tobytes(),
+            day=batch.day.astype("<i4").tobytes(),
+            status=batch.status.astype("<i2").tobytes(),
+            duration=batch.duration.astype("<f8").tobytes(),
         )
 
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,6 +49,10 @@ class ParsedChunk:
     def __len__(self) -> int:
         return len(self.customer)
 
+    def batch(self) -> Batch:
+        """The columns a shard needs (the timestamps served the time rules only)."""
+        return Batch(self.customers, self.customer, self.day, self.status, self.duration)
+
     def take(self, mask_or_index: np.ndarray) -> ParsedChunk:
         """The requests selected by a mask or index array, customer list compacted."""
         customer = self.customer[mask_or_index]
@@ -62,37 +67,38 @@ class ParsedChunk:
         )
 
 
-def merge_customers(
-    customer_lists: list[list[str]], indexes: list[np.ndarray]
-) -> tuple[list[str], np.ndarray]:
-    """One distinct customer list for several batches, and their indexes remapped into it."""
+class Batch(NamedTuple):
+    """Accepted requests for one shard, as columns; `customer` indexes into `customers`."""
+
+    customers: list[str]
+    customer: np.ndarray  # int32
+    day: np.ndarray  # int32
+    status: np.ndarray  # int16
+    duration: np.ndarray  # float64
+
+
+def concat_batches(batches: list[Batch]) -> Batch:
+    """One batch holding the requests of several, their customer lists merged."""
+    if len(batches) == 1:
+        return batches[0]
     index: dict[str, int] = {}
     customers: list[str] = []
     remapped = []
-    for names, idx in zip(customer_lists, indexes, strict=True):
-        lookup = np.empty(len(names), dtype=np.int32)
-        for i, customer_id in enumerate(names):
+    for batch in batches:
+        lookup = np.empty(len(batch.customers), dtype=np.int32)
+        for i, customer_id in enumerate(batch.customers):
             j = index.get(customer_id)
             if j is None:
                 j = index[customer_id] = len(customers)
                 customers.append(customer_id)
             lookup[i] = j
-        remapped.append(lookup[idx])
-    return customers, np.concatenate(remapped)
-
-
-def concat_chunks(parts: list[ParsedChunk]) -> ParsedChunk:
-    """One chunk holding the requests of several, customer lists merged."""
-    if len(parts) == 1:
-        return parts[0]
-    customers, customer = merge_customers([p.customers for p in parts], [p.customer for p in parts])
-    return ParsedChunk(
-        customers=customers,
-        customer=customer,
-        day=np.concatenate([p.day for p in parts]),
-        second=np.concatenate([p.second for p in parts]),
-        status=np.concatenate([p.status for p in parts]),
-        duration=np.concatenate([p.duration for p in parts]),
+        remapped.append(lookup[batch.customer])
+    return Batch(
+        customers,
+        np.concatenate(remapped),
+        np.concatenate([b.day for b in batches]),
+        np.concatenate([b.status for b in batches]),
+        np.concatenate([b.duration for b in batches]),
     )
 
 

@@ -44,9 +44,10 @@ from statsd_server.messages import (
     StatsReply,
 )
 from statsd_server.newest_day import NO_DAY, NewestDay
+from statsd_server.parse import Batch
 from statsd_server.routing import Router
 from statsd_server.rpc import ShardClient, serve_connection, socket_path
-from statsd_server.store import Batch, ShardStore
+from statsd_server.store import ShardStore
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,6 @@ class ShardWorker:
         self._tcp_server: asyncio.Server | None = None
         self._snapshot_lock = asyncio.Lock()
         self._stopped = asyncio.Event()
-        self._shutting_down = False
         self.exit_code = 0
         self._background: set[asyncio.Task[None]] = set()
         self._peers: set[asyncio.StreamWriter] = set()
@@ -199,7 +199,6 @@ class ShardWorker:
 
     async def _drain(self) -> None:
         """Stop accepting ingest connections; give open ones a grace period to finish."""
-        self._shutting_down = True
         if self._tcp_server is not None:
             self._tcp_server.close()
         if self._ingest_tasks:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from typing import NamedTuple
 
 import msgspec
 import numpy as np
@@ -13,7 +12,7 @@ from persistence.snapshot import SnapshotRow
 from sketches import DayAggregate, SketchConfig, summarize
 from statsd_server.messages import Applied
 from statsd_server.newest_day import NO_DAY
-from statsd_server.parse import merge_customers
+from statsd_server.parse import Batch, concat_batches
 
 _EPOCH = dt.date(1970, 1, 1)
 
@@ -31,16 +30,6 @@ def date_to_day(date: dt.date) -> int:
 APPLY_BATCH = 524_288
 # Summaries of ranges kept per customer (each ~300 bytes); past this the customer's are dropped.
 MAX_CACHED_RANGES = 64
-
-
-class Batch(NamedTuple):
-    """Requests for one shard, as columns; `customer` indexes into `customers`."""
-
-    customers: list[str]
-    customer: np.ndarray
-    day: np.ndarray
-    status: np.ndarray
-    duration: np.ndarray
 
 
 class ShardStore:
@@ -112,17 +101,7 @@ class ShardStore:
             return
         queue, newest = self._queue, self._queued_newest
         self._queue, self._queued_lines, self._queued_newest = [], 0, NO_DAY
-        customers, customer = merge_customers(
-            [q.customers for q in queue], [q.customer for q in queue]
-        )
-        merged = Batch(
-            customers,
-            customer,
-            np.concatenate([q.day for q in queue]),
-            np.concatenate([q.status for q in queue]),
-            np.concatenate([q.duration for q in queue]),
-        )
-        self.apply(merged, newest)
+        self.apply(concat_batches(queue), newest)
 
     def apply(self, batch: Batch, newest_day: int) -> None:
         """Fold a batch of requests into the aggregates, one sketch update per customer-day.
@@ -195,20 +174,27 @@ class ShardStore:
     ) -> bytes | None:
         """The stats response body (JSON) for days in [first_day, last_day]; None if unknown.
 
-        Each day's figures are encoded once and reused until the day changes; the summary
-        is computed per query.
+        Without extra quantiles, each day's figures and each range's summary are encoded once
+        and reused until the customer's data changes.
         """
         self.flush()
-        extra = extra_quantiles or []
         days = self.customers.get(customer_id)
         if days is None:
             return None
         selected = sorted(d for d in days if d >= first_day and (last_day is None or d <= last_day))
+        aggs = [days[d] for d in selected]
         encode = self._encode
-        if extra:
-            fragments = [encode(days[d].stats(day_to_date(d), extra)) for d in selected]
+        if extra_quantiles:
+            fragments = [
+                encode(agg.stats(day_to_date(d), extra_quantiles))
+                for d, agg in zip(selected, aggs, strict=True)
+            ]
+            summary = encode(summarize(aggs, extra_quantiles))
         else:
-            fragments = [self._day_json(customer_id, d, days[d]) for d in selected]
+            fragments = [
+                self._day_json(customer_id, d, agg) for d, agg in zip(selected, aggs, strict=True)
+            ]
+            summary = self._summary_json(customer_id, selected, aggs)
         head = encode(
             {
                 "customer_id": customer_id,
@@ -216,10 +202,6 @@ class ShardStore:
                 "to": None if last_day is None else day_to_date(last_day),
             }
         )
-        if extra:
-            summary = encode(summarize([days[d] for d in selected], extra))
-        else:
-            summary = self._summary_json(customer_id, selected, [days[d] for d in selected])
         return b"".join(
             (head[:-1], b',"days":[', b",".join(fragments), b'],"summary":', summary, b"}")
         )

@@ -7,7 +7,8 @@ import json
 import numpy as np
 
 from sketches import SketchConfig
-from statsd_server.store import Batch, ShardStore
+from statsd_server.parse import Batch
+from statsd_server.store import ShardStore
 
 DAY = 20_000  # days since the epoch
 

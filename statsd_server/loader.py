@@ -1,7 +1,8 @@
 """`statsd-server load`: send log files to a running server over parallel TCP connections.
 
 Each file is cut at line boundaries into parts sent with sendfile() on their own
-connections; the server's per-connection summaries are added up.
+connections; the server's per-connection summaries are added up. On a terminal a progress bar
+shows the bytes sent, the lines in them, both rates and the time left.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ import itertools
 import os
 import socket
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import msgspec
 from tqdm import tqdm
@@ -36,6 +39,37 @@ def default_connections() -> int:
     return 8 * (os.cpu_count() or 1)
 
 
+class LoadProgress(tqdm):
+    """tqdm over bytes sent that also counts the lines sent: `lines` and `lines_rate` fields."""
+
+    BAR_FORMAT = (
+        "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}B/{total_fmt}B, {lines:,} lines"
+        " [{elapsed}<{remaining}, {rate_fmt}, {lines_rate} lines/s]"
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.lines_sent = 0
+        self._sent_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def sent(self, nbytes: int, nlines: int) -> None:
+        """Count bytes and lines sent by one of the sending threads."""
+        with self._sent_lock:
+            self.lines_sent += nlines
+            self.update(nbytes)
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        d = dict(super().format_dict)
+        n, elapsed = d.get("n") or 0, d.get("elapsed") or 0
+        # Lines per byte so far times tqdm's smoothed byte rate: lines/s moves with bytes/s.
+        rate = d.get("rate") or (n / elapsed if elapsed else 0)
+        lines_rate = rate * self.lines_sent / n if n else 0
+        d["lines"] = self.lines_sent
+        d["lines_rate"] = self.format_sizeof(lines_rate) if lines_rate else "?"
+        return d
+
+
 def split_at_lines(path: Path, parts: int) -> list[tuple[int, int]]:
     """(offset, length) ranges of a file, cut just after newlines, about equal in size."""
     size = path.stat().st_size
@@ -54,8 +88,14 @@ def split_at_lines(path: Path, parts: int) -> list[tuple[int, int]]:
     return [(a, b - a) for a, b in itertools.pairwise(cuts) if b > a] or [(0, 0)]
 
 
+def _lines_in(f: BinaryIO, offset: int, length: int, last_piece: bool) -> int:
+    """Lines in a piece of a file just sent, read back from the page cache."""
+    data = os.pread(f.fileno(), length, offset)
+    return data.count(b"\n") + (last_piece and not data.endswith(b"\n"))
+
+
 def _send_part(
-    host: str, port: int, path: Path, offset: int, length: int, progress: tqdm
+    host: str, port: int, path: Path, offset: int, length: int, progress: LoadProgress
 ) -> IngestSummary:
     try:
         sock = socket.create_connection((host, port))
@@ -68,8 +108,9 @@ def _send_part(
                 n = sock.sendfile(f, offset + sent, min(_SEND_PIECE, length - sent))
                 if n == 0:
                     raise LoadError(f"{path}: the server closed the connection")
+                if not progress.disable:
+                    progress.sent(n, _lines_in(f, offset + sent, n, sent + n == length))
                 sent += n
-                progress.update(n)
             sock.shutdown(socket.SHUT_WR)
             reply = b""
             while not reply.endswith(b"\n") and len(reply) < _REPLY_LIMIT:
@@ -99,12 +140,13 @@ def load_files(
     total = sum(ln for _, _, ln in jobs)
     summary = IngestSummary()
     with (
-        tqdm(
+        LoadProgress(
             total=total,
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
             desc="load",
+            bar_format=LoadProgress.BAR_FORMAT,
             disable=not sys.stderr.isatty(),
         ) as progress,
         ThreadPoolExecutor(connections) as pool,

@@ -211,6 +211,10 @@ def create_app(settings: Settings, runtime_dir: Path, slot: int | None = None) -
     app.router.add_post("/ingest", ingest)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    # Imported here: the web package reads this module's limits for its OpenAPI spec.
+    from statsd_server.web import add_routes as add_web_routes
+
+    add_web_routes(app)
     return app
 
 

@@ -1,6 +1,7 @@
 """Ingest throughput of the real server, against a naive single-process parser.
 
     python bench/ingest.py [--lines 2000000] [--customers 1000] [--days 30] [--shards 2]
+                           [--wal on|off]
 
 Prints lines/s end to end (command start to the server's summary) for `statsd-server load`
 and for one raw TCP connection, the server's RSS per customer-day, and the textbook Python
@@ -57,17 +58,20 @@ def main() -> None:
     p.add_argument("--days", type=int, default=30)
     p.add_argument("--shards", type=int, default=os.cpu_count() or 2)
     p.add_argument("--connections", type=int, default=None, help="for load (its default)")
+    p.add_argument("--wal", choices=("on", "off"), default="on", help="the write-ahead log")
     args = p.parse_args()
+    wal = {"STATS_WAL": "true" if args.wal == "on" else "false"}
     log = Path(tempfile.mkdtemp()) / "bench.log"
     generate(log, args.lines, args.customers, args.days)
     size_mb = log.stat().st_size / 1e6
     customer_days = args.customers * (args.days + 1)
     print(
         f"{args.lines:,} lines ({size_mb:.0f} MB), {args.customers} customers x "
-        f"{args.days + 1} days, {args.shards} shards, {os.cpu_count()} CPUs"
+        f"{args.days + 1} days, {args.shards} shards, {os.cpu_count()} CPUs, "
+        f"write-ahead log {args.wal}"
     )
 
-    server = BenchServer(args.shards)
+    server = BenchServer(args.shards, **wal)
     try:
         empty = server.rss_mb()
         took, out = server.load(log, args.connections)
@@ -81,7 +85,7 @@ def main() -> None:
         )
     finally:
         server.stop()
-    server = BenchServer(args.shards)
+    server = BenchServer(args.shards, **wal)
     try:
         took = raw_connection(server.tcp_port, log)
         print(f"one raw connection: {args.lines / took:,.0f} lines/s ({took:.2f} s)")

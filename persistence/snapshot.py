@@ -34,6 +34,7 @@ class SnapshotRow(NamedTuple):
     duration_sum: float
     sketch_kind: str
     sketch: bytes
+    wal_lsn: int  # the last write-ahead log record folded in (see persistence.wal)
 
     @classmethod
     def from_aggregate(cls, customer_id: str, day: int, agg: DayAggregate) -> SnapshotRow:
@@ -49,6 +50,7 @@ class SnapshotRow(NamedTuple):
             agg.duration_sum,
             kind,
             blob,
+            agg.lsn,
         )
 
     def aggregate(self, config: SketchConfig) -> DayAggregate:
@@ -59,7 +61,9 @@ class SnapshotRow(NamedTuple):
             self.server_errors,
             self.duration_sum,
         )
-        return DayAggregate.restore(config, counters, self.sketch_kind, self.sketch)
+        agg = DayAggregate.restore(config, counters, self.sketch_kind, self.sketch)
+        agg.lsn = self.wal_lsn
+        return agg
 
 
 _COLUMNS = {
@@ -73,6 +77,7 @@ _COLUMNS = {
     "duration_sum": float,
     "sketch_kind": str,
     "sketch": bytes,
+    "wal_lsn": int,
 }
 
 
@@ -86,7 +91,10 @@ class SnapshotDB:
             conn = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             self.db = sqlite_utils.Database(conn)
             self.db.enable_wal()
-            self.db.table("days").create(_COLUMNS, pk=("customer_id", "day"), if_not_exists=True)
+            days = self.db.table("days")
+            days.create(_COLUMNS, pk=("customer_id", "day"), if_not_exists=True)
+            if "wal_lsn" not in days.columns_dict:  # a file from before the write-ahead log
+                days.add_column("wal_lsn", int, not_null_default=0)
             self.db.table("meta").create({"key": str, "value": int}, pk="key", if_not_exists=True)
         except sqlite3.DatabaseError as exc:
             raise SnapshotError(f"cannot open snapshot database {self.path}: {exc}") from exc
@@ -102,8 +110,8 @@ class SnapshotDB:
             # GIL), so a snapshot does not hold up the shard's event loop.
             conn.executemany(
                 "INSERT OR REPLACE INTO days (customer_id, day, customer_key, total, successful,"
-                " client_errors, server_errors, duration_sum, sketch_kind, sketch)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " client_errors, server_errors, duration_sum, sketch_kind, sketch, wal_lsn)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             conn.execute("DELETE FROM days WHERE day < ?", [cutoff_day])
@@ -123,7 +131,7 @@ class SnapshotDB:
             SnapshotRow(*r)
             for r in self.db.execute(
                 "SELECT customer_id, day, customer_key, total, successful, client_errors,"
-                " server_errors, duration_sum, sketch_kind, sketch FROM days"
+                " server_errors, duration_sum, sketch_kind, sketch, wal_lsn FROM days"
                 " WHERE customer_key % ? = ?",
                 [shards, shard],
             ).fetchall()

@@ -133,6 +133,7 @@ class DayAggregate:
         "_req",
         "client_errors",
         "duration_sum",
+        "lsn",
         "server_errors",
         "successful",
         "total",
@@ -145,6 +146,8 @@ class DayAggregate:
         self.client_errors = 0
         self.server_errors = 0
         self.duration_sum = 0.0
+        # The last write-ahead log record folded in (0: none): replay skips older records.
+        self.lsn = 0
         self._exact: np.ndarray | None = np.zeros(0, dtype=np.float64)
         self._kll: kll_doubles_sketch | None = None
         self._req: req_floats_sketch | None = None

@@ -61,6 +61,15 @@ def _req_k(raw: str) -> int:
     return value
 
 
+def _bool(raw: str) -> bool:
+    value = raw.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _host(raw: str) -> str:
     if raw != "localhost":
         try:
@@ -93,6 +102,7 @@ class Settings:
     shards: int = os.cpu_count() or 1
     data_dir: Path = Path("./data")
     snapshot_interval: float = 5.0
+    wal: bool = True
     retention_days: int = 30
     kll_k: int = 200
     req_k: int = 48
@@ -140,6 +150,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "shards": _positive_int,
     "data_dir": _path,
     "snapshot_interval": _positive_float,
+    "wal": _bool,
     "retention_days": _non_negative_int,
     "kll_k": _kll_k,
     "req_k": _req_k,
@@ -163,6 +174,7 @@ SETTING_HELP = {
     "shards": "Shard processes (default: CPU count).",
     "data_dir": "Directory of the SQLite snapshot file.",
     "snapshot_interval": "Seconds between snapshots of changed aggregates.",
+    "wal": "Write-ahead log: accepted batches are fsynced before they are acknowledged.",
     "retention_days": "Days kept behind the newest day seen.",
     "kll_k": "Days with up to this many requests are kept exactly; KLL sketch size k beyond.",
     "req_k": "REQ sketch size k: accuracy of the median and tail of busy days.",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from statsd_server.framing import LineFramer
 from statsd_server.messages import Applied, ApplyBatch
@@ -17,7 +17,6 @@ from statsd_server.newest_day import NO_DAY, NewestDay
 from statsd_server.parse import Batch, apply_time_rules, concat_batches, parse_chunk
 from statsd_server.routing import Router
 from statsd_server.rpc import ShardClient
-from statsd_server.store import ShardStore
 from statsd_server.summary import IngestSummary
 
 APPLY_TIMEOUT = 120.0
@@ -34,14 +33,16 @@ class Dispatcher:
     """Delivers per-shard batches to their owners: locally if this process owns one."""
 
     def __init__(
-        self, clients: list[ShardClient], local: tuple[int, ShardStore] | None = None
+        self,
+        clients: list[ShardClient],
+        local: tuple[int, Callable[[Batch], Awaitable[Applied]]] | None = None,
     ) -> None:
         self._clients = clients
         self._local = local
 
-    async def apply(self, shard: int, batch: Batch, newest_day: int) -> Applied:
+    async def apply(self, shard: int, batch: Batch) -> Applied:
         if self._local is not None and self._local[0] == shard:
-            return self._local[1].enqueue(batch, newest_day)
+            return await self._local[1](batch)
         reply = await self._clients[shard].request(ApplyBatch.from_batch(batch), APPLY_TIMEOUT)
         assert isinstance(reply, Applied), reply
         return reply
@@ -130,7 +131,7 @@ class IngestSession:
             return
         batch = concat_batches(parts)
         await self._slots.acquire()
-        task = asyncio.create_task(self._send(shard, batch, self._newest_day.get()))
+        task = asyncio.create_task(self._send(shard, batch))
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
@@ -150,9 +151,9 @@ class IngestSession:
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
 
-    async def _send(self, shard: int, batch: Batch, newest_day: int) -> None:
+    async def _send(self, shard: int, batch: Batch) -> None:
         try:
-            await self._dispatcher.apply(shard, batch, newest_day)
+            await self._dispatcher.apply(shard, batch)
             self._accepted += len(batch.day)
         except Exception as exc:  # reported by finish(); the session stops taking data
             self._errors.append(exc)

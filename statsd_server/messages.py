@@ -44,6 +44,13 @@ class ApplyBatch(msgspec.Struct, tag="apply", array_like=True):
         )
 
 
+class WalRecord(msgspec.Struct, array_like=True):
+    """A batch as the owning shard's write-ahead log keeps it (see persistence.wal)."""
+
+    newest_day: int
+    batch: ApplyBatch
+
+
 class Applied(msgspec.Struct, tag="applied", array_like=True):
     """The owner took a batch of `stored` requests (queued; applied before anything reads)."""
 
@@ -122,6 +129,13 @@ class Codec:
     def __init__(self) -> None:
         self._encoder = msgspec.msgpack.Encoder()
         self._decoder = msgspec.msgpack.Decoder(Envelope)
+        self._wal_decoder = msgspec.msgpack.Decoder(WalRecord)
+
+    def wal_record(self, batch: ApplyBatch, newest_day: int) -> bytes:
+        return self._encoder.encode(WalRecord(newest_day, batch))
+
+    def read_wal_record(self, payload: bytes) -> WalRecord:
+        return self._wal_decoder.decode(payload)
 
     def frame(self, envelope: Envelope) -> bytes:
         payload = self._encoder.encode(envelope)

@@ -23,6 +23,7 @@ import msgspec
 import uvloop
 
 from persistence.snapshot import SnapshotDB
+from persistence.wal import WAL_DIRNAME, WriteAheadLog, layouts
 from sketches import SketchConfig
 from statsd_server import logs
 from statsd_server.config import Settings
@@ -30,6 +31,7 @@ from statsd_server.errors import ShardUnavailable, SnapshotError
 from statsd_server.ingest import Dispatcher, IngestSession
 from statsd_server.memory import release_free_memory
 from statsd_server.messages import (
+    Applied,
     ApplyBatch,
     Body,
     Codec,
@@ -102,7 +104,8 @@ class ShardWorker:
         self._clients = [
             ShardClient(i, socket_path(runtime_dir, i), self._codec) for i in range(settings.shards)
         ]
-        self._dispatcher = Dispatcher(self._clients, local=(index, self.store))
+        self._dispatcher = Dispatcher(self._clients, local=(index, self._accept))
+        self._wal: WriteAheadLog | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{index}")
         self._db: SnapshotDB | None = None
         self._ingest_tasks: set[asyncio.Task[None]] = set()
@@ -119,8 +122,7 @@ class ShardWorker:
         rows, newest = await loop.run_in_executor(
             self._executor, self._db.load, self.index, self.settings.shards
         )
-        self.store.restore(rows, NO_DAY if newest is None else newest)
-        self._newest_day.publish(self.store.newest_day)
+        last_lsn = self.store.restore(rows, NO_DAY if newest is None else newest)
         log.info(
             "pid %d: restored %d customer-days of %d customers from %s",
             os.getpid(),
@@ -128,6 +130,17 @@ class ShardWorker:
             len(self.store.customers),
             self._db.path,
         )
+        if self.settings.wal:
+            self._wal = WriteAheadLog(
+                self.settings.data_dir / WAL_DIRNAME, self.index, self.settings.shards
+            )
+            replayed = await loop.run_in_executor(
+                self._executor, replay_wal, self.store, self._wal, self._codec
+            )
+            self._wal.open(last_lsn)
+            if replayed:
+                log.info("replayed %d batches from the write-ahead log", replayed)
+        self._newest_day.publish(self.store.newest_day)
 
         path = socket_path(self._runtime_dir, self.index)
         path.unlink(missing_ok=True)
@@ -156,6 +169,8 @@ class ShardWorker:
         for client in self._clients:
             await client.close()
         loop.remove_reader(self._parent.fileno())
+        if self._wal is not None:
+            await loop.run_in_executor(self._executor, self._wal.close)
         await loop.run_in_executor(self._executor, self._db.close)
         self._executor.shutdown()
         log.info("stopped")
@@ -236,6 +251,9 @@ class ShardWorker:
             self.store.advance(self._newest_day.get())
             if self.store.newest_day == NO_DAY:
                 return
+            # Every record of the segments before this one is in the store now (queued or
+            # applied), so the snapshot below covers them.
+            covered_seq = self._wal.rotate() if self._wal is not None else 0
             keys = self.store.take_dirty()
             rows = []
             # Serializing tens of thousands of days takes a while: let queries in between.
@@ -254,6 +272,8 @@ class ShardWorker:
             except BaseException:
                 self.store.mark_dirty(rows)
                 raise
+            if self._wal is not None:
+                await self._wal.discard_before(covered_seq)
             if rows:
                 log.debug("snapshot: %d customer-days", len(rows))
                 # After an ingest burst, not per batch: it takes a few ms (off the loop thread;
@@ -300,9 +320,20 @@ class ShardWorker:
         finally:
             self._peers.discard(writer)
 
+    async def _accept(self, batch: Batch, message: ApplyBatch | None = None) -> Applied:
+        """Take a batch this shard owns; acknowledged once its log record is on disk."""
+        newest = self._newest_day.get()
+        if self._wal is None:
+            return self.store.enqueue(batch, newest)
+        record = self._codec.wal_record(message or ApplyBatch.from_batch(batch), newest)
+        lsn = self._wal.append(record)
+        applied = self.store.enqueue(batch, newest, lsn)
+        await self._wal.durable(lsn)
+        return applied
+
     def _handle_now(self, body: Body) -> Body | None:
-        """Requests answered at once; None for those that must wait (drain, shutdown)."""
-        if isinstance(body, ApplyBatch):
+        """Requests answered at once; None for those that must wait (batches, drain...)."""
+        if isinstance(body, ApplyBatch) and self._wal is None:
             return self.store.enqueue(
                 Batch(body.customers, *body.columns()), self._newest_day.get()
             )
@@ -314,11 +345,13 @@ class ShardWorker:
             return StatsReply(known=answer is not None, body=answer or b"")
         if isinstance(body, Ping):
             return Pong(self.index, len(self.store.customers), self.store.customer_days)
-        if isinstance(body, Drain | Shutdown):
+        if isinstance(body, ApplyBatch | Drain | Shutdown):
             return None
         return ErrorReply(message=f"unexpected request {type(body).__name__}")
 
     async def _handle_later(self, body: Body) -> Body:
+        if isinstance(body, ApplyBatch):
+            return await self._accept(Batch(body.customers, *body.columns()), body)
         if isinstance(body, Drain):
             await self._drain()
             return Drained()
@@ -329,3 +362,57 @@ class ShardWorker:
             # Stop after the reply is on its way, whether or not the snapshot worked.
             asyncio.get_running_loop().call_later(0.05, self._stopped.set)
         return ShutdownDone()
+
+
+# -- the write-ahead log at start ------------------------------------------------------------
+
+
+def replay_wal(store: ShardStore, wal: WriteAheadLog, codec: Codec) -> int:
+    """Apply the batches a log holds beyond the snapshot; how many records were read."""
+    count = 0
+    for lsn, payload in wal.replay():
+        try:
+            record = codec.read_wal_record(payload)
+        except msgspec.DecodeError as exc:  # a CRC-valid record we cannot read: keep going
+            log.warning("write-ahead log record %d is unreadable (%s); skipped", lsn, exc)
+            continue
+        batch = record.batch
+        store.apply(Batch(batch.customers, *batch.columns()), record.newest_day, lsn)
+        count += 1
+    return count
+
+
+def recover_other_layouts(settings: Settings) -> None:
+    """Fold in logs the shards will not replay themselves, before they start.
+
+    A shard replays the segments of its own index under the current shard count. Segments
+    written under another count (or any, with the log now off) are replayed here, one old
+    shard at a time, into the snapshot; then they are deleted.
+    """
+    directory = settings.data_dir / WAL_DIRNAME
+    current = {settings.shards} if settings.wal else set()
+    codec = Codec()
+    for shards in sorted(layouts(directory) - current):
+        db = SnapshotDB(settings.data_dir)
+        try:
+            for index in range(shards):
+                store = ShardStore(
+                    SketchConfig(kll_k=settings.kll_k, req_k=settings.req_k),
+                    settings.retention_days,
+                )
+                rows, newest = db.load(index, shards)
+                store.restore(rows, NO_DAY if newest is None else newest)
+                wal = WriteAheadLog(directory, index, shards)
+                replayed = replay_wal(store, wal, codec)
+                if store.newest_day != NO_DAY:
+                    db.write(store.rows(store.take_dirty()), store.cutoff_day, store.newest_day)
+                wal.discard_all()
+                wal.close()
+                log.info(
+                    "recovered %d batches from the write-ahead log of shard %d of %d",
+                    replayed,
+                    index,
+                    shards,
+                )
+        finally:
+            db.close()

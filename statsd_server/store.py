@@ -48,6 +48,7 @@ class ShardStore:
         self._queue: list[Batch] = []
         self._queued_lines = 0
         self._queued_newest = NO_DAY
+        self._queued_lsn = 0
         # Called when a batch lands in an empty queue (the shard schedules a flush).
         self.on_queued: Callable[[], None] | None = None
         # Encoded figures of days, and of ranges' summaries, queried since they last changed.
@@ -84,13 +85,17 @@ class ShardStore:
     def queued_batches(self) -> int:
         return len(self._queue)
 
-    def enqueue(self, batch: Batch, newest_day: int) -> Applied:
-        """Take a batch; it is folded in with others, before anything reads the aggregates."""
+    def enqueue(self, batch: Batch, newest_day: int, lsn: int = 0) -> Applied:
+        """Take a batch; it is folded in with others, before anything reads the aggregates.
+
+        `lsn` numbers the batch in the write-ahead log (0 without one).
+        """
         if not self._queue and self.on_queued is not None:
             self.on_queued()
         self._queue.append(batch)
         self._queued_lines += len(batch.day)
         self._queued_newest = max(self._queued_newest, newest_day)
+        self._queued_lsn = max(self._queued_lsn, lsn)
         if self._queued_lines >= APPLY_BATCH:
             self.flush()
         return Applied(stored=len(batch.day))
@@ -99,15 +104,17 @@ class ShardStore:
         """Apply every queued batch as one."""
         if not self._queue:
             return
-        queue, newest = self._queue, self._queued_newest
+        queue, newest, lsn = self._queue, self._queued_newest, self._queued_lsn
         self._queue, self._queued_lines, self._queued_newest = [], 0, NO_DAY
-        self.apply(concat_batches(queue), newest)
+        self.apply(concat_batches(queue), newest, lsn)
 
-    def apply(self, batch: Batch, newest_day: int) -> None:
+    def apply(self, batch: Batch, newest_day: int, lsn: int = 0) -> None:
         """Fold a batch of requests into the aggregates, one sketch update per customer-day.
 
         Requests for days that left retention since they were accepted (a newer line arrived
-        meanwhile, possibly on another connection) are dropped, as their day is.
+        meanwhile, possibly on another connection) are dropped, as their day is. A batch
+        replayed from the write-ahead log (`lsn` > 0) skips the customer-days that already
+        hold it: those restored from a snapshot taken after the batch was applied.
         """
         self.advance(newest_day)
         customers, customer, day, status, duration = batch
@@ -153,6 +160,9 @@ class ShardStore:
             agg = days.get(d)
             if agg is None:
                 agg = days[d] = DayAggregate(config)
+            elif agg.lsn >= lsn > 0:
+                continue
+            agg.lsn = lsn
             agg.add(
                 end - start,
                 int(successful[g]),
@@ -252,8 +262,8 @@ class ShardStore:
             if days is not None and row.day in days:
                 self._dirty.add((row.customer_id, row.day))
 
-    def restore(self, rows: list[SnapshotRow], newest_day: int) -> None:
-        """Load snapshot rows, keeping only days within retention."""
+    def restore(self, rows: list[SnapshotRow], newest_day: int) -> int:
+        """Load snapshot rows, keeping only days within retention; the newest LSN they hold."""
         for row in rows:
             newest_day = max(newest_day, row.day)
         self.newest_day = max(self.newest_day, newest_day)
@@ -261,3 +271,4 @@ class ShardStore:
         for row in rows:
             if row.day >= cutoff:
                 self.customers.setdefault(row.customer_id, {})[row.day] = row.aggregate(self.config)
+        return max((row.wal_lsn for row in rows), default=0)

@@ -92,6 +92,7 @@ class Supervisor:
                 f"STATS_DATA_DIR={str(s.data_dir)!r} is invalid: {exc.strerror}"
             ) from None
         SnapshotDB(s.data_dir).close()  # a broken database stops the start here, named
+        shard.recover_other_layouts(s)
         runtime_dir = self._runtime_dir = Path(tempfile.mkdtemp(prefix="statsd-server-"))
         newest_day.create(runtime_dir / "newest_day", s.shards + 1)
         sockets = self._sockets

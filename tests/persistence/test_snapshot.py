@@ -81,8 +81,8 @@ def test_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
     """A snapshot is one transaction: an error mid-way writes no row at all."""
     db = SnapshotDB(tmp_path)
     db.write([row("a", 1, [1.0])], 0, 1)
-    bad = SnapshotRow("b", 1, 7, 1, 1, 0, 0, 1.0, "kll_doubles", None)  # type: ignore[arg-type]
-    bad_twin = SnapshotRow("c", 1, 7, 1, 1, 0, 0, 1.0, "kll_doubles", b"x")
+    bad = SnapshotRow("b", 1, 7, 1, 1, 0, 0, 1.0, "kll_doubles", None, 0)  # type: ignore[arg-type]
+    bad_twin = SnapshotRow("c", 1, 7, 1, 1, 0, 0, 1.0, "kll_doubles", b"x", 0)
     db.db.execute(
         "CREATE TRIGGER no_c BEFORE INSERT ON days WHEN NEW.customer_id = 'c' BEGIN SELECT RAISE(ABORT, 'boom'); END"
     )

@@ -17,6 +17,7 @@ from dotenv import dotenv_values
 from statsd_server.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
 
 
 def _positive_int(raw: str) -> int:
@@ -86,6 +87,13 @@ def _log_level(raw: str) -> str:
     return value
 
 
+def _log_format(raw: str) -> str:
+    value = raw.lower()
+    if value not in LOG_FORMATS:
+        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+    return value
+
+
 def _path(raw: str) -> Path:
     if not raw:
         raise ValueError("must not be empty")
@@ -106,7 +114,10 @@ class Settings:
     retention_days: int = 30
     kll_k: int = 200
     req_k: int = 48
+    max_customers: int = 1_000_000
+    idle_timeout: float = 300.0
     log_level: str = "info"
+    log_format: str = "text"
 
     @classmethod
     def load(
@@ -154,7 +165,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "retention_days": _non_negative_int,
     "kll_k": _kll_k,
     "req_k": _req_k,
+    "max_customers": _non_negative_int,
+    "idle_timeout": _positive_float,
     "log_level": _log_level,
+    "log_format": _log_format,
 }
 
 _EXPECTED = {
@@ -165,6 +179,8 @@ _EXPECTED = {
     "retention_days": "must be a non-negative integer",
     "kll_k": "must be an integer 8-65535 (DataSketches' KLL range)",
     "req_k": "must be an even integer 4-1024 (DataSketches' REQ range)",
+    "max_customers": "must be a non-negative integer",
+    "idle_timeout": "must be a positive number of seconds",
 }
 
 SETTING_HELP = {
@@ -178,5 +194,10 @@ SETTING_HELP = {
     "retention_days": "Days kept behind the newest day seen.",
     "kll_k": "Days with up to this many requests are kept exactly; KLL sketch size k beyond.",
     "req_k": "REQ sketch size k: accuracy of the median and tail of busy days.",
+    "max_customers": "Customers held at most (0: no limit); lines of new ones beyond it are"
+    " rejected as customer_limit.",
+    "idle_timeout": "Seconds an ingest connection or POST body may send nothing before it is"
+    " closed.",
     "log_level": "debug, info, warning or error.",
+    "log_format": "text, or json for one JSON object per line.",
 }

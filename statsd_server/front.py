@@ -143,8 +143,17 @@ async def ingest(request: web.Request) -> web.Response:
     session = IngestSession(
         app[ROUTER], Dispatcher(app[CLIENTS]), app[NEWEST_DAY], app[SETTINGS].retention_days
     )
+    idle = app[SETTINGS].idle_timeout
     try:
-        async for data in request.content.iter_chunked(1024 * 1024):
+        while True:
+            try:
+                data = await asyncio.wait_for(request.content.read(1024 * 1024), idle)
+            except TimeoutError:
+                # What arrived is applied, as for a client that disconnects mid-body.
+                await session.abort()
+                return _error(408, f"idle timeout: no body data for {idle:g}s")
+            if not data:
+                break
             await session.feed(data)
         summary: IngestSummary = await session.finish()
     except ShardUnavailable as exc:
@@ -184,7 +193,10 @@ async def json_errors(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return _error(exc.status, exc.reason.lower(), path=request.path[:256])
+        response = _error(exc.status, exc.reason.lower(), path=request.path[:256])
+        if "Allow" in exc.headers:  # a 405 says which methods the path takes
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
 
 def create_app(settings: Settings, runtime_dir: Path, slot: int | None = None) -> web.Application:

@@ -153,8 +153,10 @@ class IngestSession:
 
     async def _send(self, shard: int, batch: Batch) -> None:
         try:
-            await self._dispatcher.apply(shard, batch)
-            self._accepted += len(batch.day)
+            applied = await self._dispatcher.apply(shard, batch)
+            self._accepted += applied.stored
+            if applied.refused:
+                self._rejected["customer_limit"] += applied.refused
         except Exception as exc:  # reported by finish(); the session stops taking data
             self._errors.append(exc)
         finally:

@@ -52,9 +52,11 @@ class WalRecord(msgspec.Struct, array_like=True):
 
 
 class Applied(msgspec.Struct, tag="applied", array_like=True):
-    """The owner took a batch of `stored` requests (queued; applied before anything reads)."""
+    """The owner took `stored` requests of a batch (queued; applied before anything reads);
+    `refused` were of new customers beyond STATS_MAX_CUSTOMERS."""
 
     stored: int
+    refused: int = 0
 
 
 class StatsQuery(msgspec.Struct, tag="stats", array_like=True):

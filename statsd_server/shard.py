@@ -49,6 +49,7 @@ from statsd_server.newest_day import NO_DAY, NewestDay
 from statsd_server.parse import Batch
 from statsd_server.routing import Router
 from statsd_server.rpc import ShardClient, serve_connection, socket_path
+from statsd_server.shard_counts import ShardCounts
 from statsd_server.store import ShardStore
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,8 @@ class ShardWorker:
         ]
         self._dispatcher = Dispatcher(self._clients, local=(index, self._accept))
         self._wal: WriteAheadLog | None = None
+        self._counts = ShardCounts(runtime_dir / "shard_counts", index)
+        self.refused_total = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{index}")
         self._db: SnapshotDB | None = None
         self._ingest_tasks: set[asyncio.Task[None]] = set()
@@ -141,6 +144,7 @@ class ShardWorker:
             if replayed:
                 log.info("replayed %d batches from the write-ahead log", replayed)
         self._newest_day.publish(self.store.newest_day)
+        self._counts.publish(self.store.customers_held)
 
         path = socket_path(self._runtime_dir, self.index)
         path.unlink(missing_ok=True)
@@ -249,6 +253,7 @@ class ShardWorker:
         """Write changed customer-days (and drop expired ones) in one transaction."""
         async with self._snapshot_lock:
             self.store.advance(self._newest_day.get())
+            self._counts.publish(self.store.customers_held)
             if self.store.newest_day == NO_DAY:
                 return
             # Every record of the segments before this one is in the store now (queued or
@@ -293,11 +298,22 @@ class ShardWorker:
         session = IngestSession(
             self._router, self._dispatcher, self._newest_day, self.settings.retention_days
         )
+        idle = self.settings.idle_timeout
         try:
-            while data := await reader.read(READ_SIZE):
+            closing: dict[str, str] = {}
+            while True:
+                try:
+                    data = await asyncio.wait_for(reader.read(READ_SIZE), idle)
+                except TimeoutError:
+                    # Like an end of stream: what was sent is applied and summarised.
+                    closing = {"error": f"idle timeout: nothing received for {idle:g}s"}
+                    break
+                if not data:
+                    break
                 await session.feed(data)
             summary = await session.finish()
-            writer.write(msgspec.json.encode(summary) + b"\n")
+            answer = msgspec.structs.asdict(summary) | closing
+            writer.write(msgspec.json.encode(answer) + b"\n")
             await writer.drain()
         except ShardUnavailable as exc:
             log.error("ingest connection failed: %s", exc)
@@ -320,25 +336,41 @@ class ShardWorker:
         finally:
             self._peers.discard(writer)
 
+    def _admit(self, batch: Batch) -> tuple[Batch, int]:
+        """Apply STATS_MAX_CUSTOMERS: the batch without new customers beyond it."""
+        cap = self.settings.max_customers
+        if not cap:
+            return batch, 0
+        batch, refused = self.store.admit(
+            batch, cap - self._counts.others() - self.store.customers_held
+        )
+        self._counts.publish(self.store.customers_held)
+        if refused:
+            self.refused_total += refused
+        return batch, refused
+
     async def _accept(self, batch: Batch, message: ApplyBatch | None = None) -> Applied:
         """Take a batch this shard owns; acknowledged once its log record is on disk."""
         newest = self._newest_day.get()
-        if self._wal is None:
-            return self.store.enqueue(batch, newest)
+        batch, refused = self._admit(batch)
+        if refused:
+            message = None
+        if self._wal is None or not len(batch.day):
+            return Applied(self.store.enqueue(batch, newest).stored, refused)
         record = self._codec.wal_record(message or ApplyBatch.from_batch(batch), newest)
         lsn = self._wal.append(record)
-        applied = self.store.enqueue(batch, newest, lsn)
+        self.store.enqueue(batch, newest, lsn)
         await self._wal.durable(lsn)
-        return applied
+        return Applied(len(batch.day), refused)
 
     def _handle_now(self, body: Body) -> Body | None:
         """Requests answered at once; None for those that must wait (batches, drain...)."""
         if isinstance(body, ApplyBatch) and self._wal is None:
-            return self.store.enqueue(
-                Batch(body.customers, *body.columns()), self._newest_day.get()
-            )
+            batch, refused = self._admit(Batch(body.customers, *body.columns()))
+            return Applied(self.store.enqueue(batch, self._newest_day.get()).stored, refused)
         if isinstance(body, StatsQuery):
             self.store.advance(self._newest_day.get())
+            self._counts.publish(self.store.customers_held)
             answer = self.store.query(
                 body.customer_id, body.first_day, body.last_day, body.quantiles
             )

@@ -49,6 +49,7 @@ class ShardStore:
         self._queued_lines = 0
         self._queued_newest = NO_DAY
         self._queued_lsn = 0
+        self._queued_new: set[str] = set()  # customers first seen in queued batches
         # Called when a batch lands in an empty queue (the shard schedules a flush).
         self.on_queued: Callable[[], None] | None = None
         # Encoded figures of days, and of ranges' summaries, queried since they last changed.
@@ -85,6 +86,38 @@ class ShardStore:
     def queued_batches(self) -> int:
         return len(self._queue)
 
+    @property
+    def customers_held(self) -> int:
+        """Customers with data, counting those only queued so far."""
+        return len(self.customers) + len(self._queued_new)
+
+    def has_new_customers(self, batch: Batch) -> bool:
+        held, queued = self.customers, self._queued_new
+        return any(c not in held and c not in queued for c in batch.customers)
+
+    def admit(self, batch: Batch, room: int) -> tuple[Batch, int]:
+        """The batch without the requests of new customers beyond `room` more; and how many
+        requests were refused."""
+        held = self.customers
+        queued = self._queued_new
+        used = np.unique(batch.customer).tolist()
+        new = [
+            i for i in used if batch.customers[i] not in held and batch.customers[i] not in queued
+        ]
+        queued.update(batch.customers[i] for i in new[: max(room, 0)])
+        refused = new[max(room, 0) :]
+        if not refused:
+            return batch, 0
+        keep = ~np.isin(batch.customer, refused)
+        kept = Batch(
+            batch.customers,
+            batch.customer[keep],
+            batch.day[keep],
+            batch.status[keep],
+            batch.duration[keep],
+        )
+        return kept, len(batch.day) - len(kept.day)
+
     def enqueue(self, batch: Batch, newest_day: int, lsn: int = 0) -> Applied:
         """Take a batch; it is folded in with others, before anything reads the aggregates.
 
@@ -106,6 +139,7 @@ class ShardStore:
             return
         queue, newest, lsn = self._queue, self._queued_newest, self._queued_lsn
         self._queue, self._queued_lines, self._queued_newest = [], 0, NO_DAY
+        self._queued_new = set()
         self.apply(concat_batches(queue), newest, lsn)
 
     def apply(self, batch: Batch, newest_day: int, lsn: int = 0) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import msgspec
 
 from persistence.snapshot import SnapshotDB
-from statsd_server import front, newest_day, shard
+from statsd_server import front, newest_day, shard, shard_counts
 from statsd_server.config import Settings
 from statsd_server.errors import ConfigError, StatsServerError
 from statsd_server.loader import load_files
@@ -95,6 +95,7 @@ class Supervisor:
         shard.recover_other_layouts(s)
         runtime_dir = self._runtime_dir = Path(tempfile.mkdtemp(prefix="statsd-server-"))
         newest_day.create(runtime_dir / "newest_day", s.shards + 1)
+        shard_counts.create(runtime_dir / "shard_counts", s.shards)
         sockets = self._sockets
         try:
             sockets.append(_listen(s.host, s.http_port, reuse_port=False))

@@ -311,10 +311,6 @@ def test_unavailable_shard_answers_conform(server_factory: Any) -> None:
     assert json.loads(fetch(server, "GET", "/ready")[2])["status"] == "ready"
 
 
-@pytest.mark.xfail(
-    reason="front.json_errors answers 405 without aiohttp's Allow header (RFC 9110 wants it)",
-    strict=True,
-)
 def test_405_names_the_allowed_methods(loaded: tuple[Server, int]) -> None:
     """A wrong method gets 405 with an Allow header (schemathesis's unsupported_method)."""
     server, _ = loaded
@@ -328,8 +324,7 @@ def test_schemathesis_finds_no_failures(loaded: tuple[Server, int], tmp_path: Pa
     Its examples, coverage and fuzzing phases, with the checks for server errors, status
     codes, content types, headers and bodies, and that schema-violating input is rejected.
 
-    Left out: `unsupported_method` (see the xfail above) and `positive_data_acceptance`
-    (it sends `to` before `from`, a rule JSON Schema can't state, and expects a 2xx).
+    Left out: `positive_data_acceptance` (it sends `to` before `from`, a rule JSON Schema can't state, and expects a 2xx).
     """
     server, _ = loaded
     result = subprocess.run(
@@ -342,7 +337,7 @@ def test_schemathesis_finds_no_failures(loaded: tuple[Server, int], tmp_path: Pa
             "--checks",
             "all",
             "--exclude-checks",
-            "unsupported_method,positive_data_acceptance",
+            "positive_data_acceptance",
             "--max-examples",
             "30",
             "--workers",

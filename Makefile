@@ -27,9 +27,11 @@ run: install api_requests.log
 test: dev
 	$(BIN)/python -m pytest
 
+LINT_PATHS := statsd_server sketches persistence tools tests bench loadtest
+
 lint: dev
-	$(BIN)/ruff check statsd_server sketches persistence tools tests bench
-	$(BIN)/ruff format --check statsd_server sketches persistence tools tests bench
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 	$(BIN)/mypy
 
 bench: install

@@ -23,8 +23,9 @@ import logging
 import os
 import re
 import struct
+import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
@@ -91,8 +92,15 @@ class _SyncJob(NamedTuple):
 class WriteAheadLog:
     """One shard's log: append on the event loop, fsync in a thread, many records per fsync."""
 
-    def __init__(self, directory: Path, shard: int, shards: int) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        shard: int,
+        shards: int,
+        on_fsync: Callable[[float], None] | None = None,
+    ) -> None:
         self.directory = directory
+        self._on_fsync = on_fsync
         self._shard = shard
         self._shards = shards
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"wal-{shard}")
@@ -150,7 +158,9 @@ class WriteAheadLog:
             self._finished(job)
 
     def _start_sync(self, fd: int, close: bool) -> _SyncJob:
-        future = asyncio.get_running_loop().run_in_executor(self._executor, _sync, fd, close)
+        future = asyncio.get_running_loop().run_in_executor(
+            self._executor, _sync, fd, close, self._on_fsync
+        )
         job = self._syncing = _SyncJob(future, self.last_lsn)
 
         def done(f: asyncio.Future[None]) -> None:
@@ -193,14 +203,17 @@ class WriteAheadLog:
 
     def close(self) -> None:
         if self._fd >= 0:
-            self._executor.submit(_sync, self._fd, True).result()
+            self._executor.submit(_sync, self._fd, True, self._on_fsync).result()
             self._fd = -1
         self._executor.shutdown()
 
 
-def _sync(fd: int, close: bool) -> None:
+def _sync(fd: int, close: bool, on_fsync: Callable[[float], None] | None) -> None:
     try:
+        started = time.perf_counter()
         os.fdatasync(fd)
+        if on_fsync is not None:
+            on_fsync(time.perf_counter() - started)
     finally:
         if close:
             os.close(fd)

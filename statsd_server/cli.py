@@ -93,7 +93,7 @@ def serve(load: tuple[Path, ...], **flags: str | None) -> None:
     from statsd_server.supervisor import Supervisor
 
     settings = _settings(flags)
-    configure(settings.log_level, "supervisor")
+    configure(settings.log_level, "supervisor", settings.log_format)
     try:
         code = Supervisor(settings, load).run()
     except ConfigError as exc:

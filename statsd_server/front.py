@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import logging
 import re
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -17,9 +19,11 @@ import msgspec
 import uvloop
 from aiohttp import web
 
-from statsd_server import logs
+from statsd_server import logs, metrics
 from statsd_server.config import Settings
 from statsd_server.errors import ShardUnavailable
+from statsd_server.idempotency import HEADER as IDEMPOTENCY_HEADER
+from statsd_server.idempotency import IdempotencyKeys, key_problem
 from statsd_server.ingest import Dispatcher, IngestSession
 from statsd_server.line_rules import customer_id_problem
 from statsd_server.messages import Codec, Ping, StatsQuery, StatsReply
@@ -43,6 +47,7 @@ CLIENTS = web.AppKey("clients", list[ShardClient])
 ROUTER = web.AppKey("router", Router)
 NEWEST_DAY = web.AppKey("newest_day", NewestDay)
 INGESTS = web.AppKey("ingests", set[asyncio.Task[object]])
+IDEMPOTENCY = web.AppKey("idempotency", IdempotencyKeys)
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -129,13 +134,43 @@ async def stats(request: web.Request) -> web.Response:
 
 
 async def ingest(request: web.Request) -> web.Response:
-    """POST /ingest: a body of text or JSON lines; answers with the ingest summary."""
+    """POST /ingest: a body of text or JSON lines; answers with the ingest summary.
+
+    With an Idempotency-Key header, a retry of the same body is answered with the first
+    summary instead of being counted again.
+    """
     if request.content_type not in INGEST_CONTENT_TYPES:
         return _error(
             415,
             f"unsupported Content-Type {request.content_type!r}; send lines as "
             + " or ".join(INGEST_CONTENT_TYPES),
         )
+    key = request.headers.get(IDEMPOTENCY_HEADER)
+    if key is None:
+        return await _ingest(request, None)
+    problem = key_problem(key)
+    if problem is not None:
+        return _error(400, problem)
+    keys = request.app[IDEMPOTENCY]
+    async with keys.claimed(key):
+        stored = await keys.get(key)
+        if stored is None:
+            return await _ingest(request, key)
+        digest = hashlib.sha256()
+        idle = request.app[SETTINGS].idle_timeout
+        try:
+            while data := await asyncio.wait_for(request.content.read(1024 * 1024), idle):
+                digest.update(data)
+        except TimeoutError:
+            return _error(408, f"idle timeout: no body data for {idle:g}s")
+        if digest.hexdigest() != stored[0]:
+            return _error(422, f"{IDEMPOTENCY_HEADER} {key[:64]!r} was used for another body")
+        response = web.Response(body=stored[1], content_type="application/json")
+        response.headers["Idempotent-Replayed"] = "true"
+        return response
+
+
+async def _ingest(request: web.Request, key: str | None) -> web.Response:
     app = request.app
     task = asyncio.current_task()
     assert task is not None
@@ -144,6 +179,7 @@ async def ingest(request: web.Request) -> web.Response:
         app[ROUTER], Dispatcher(app[CLIENTS]), app[NEWEST_DAY], app[SETTINGS].retention_days
     )
     idle = app[SETTINGS].idle_timeout
+    digest = hashlib.sha256()
     try:
         while True:
             try:
@@ -154,14 +190,33 @@ async def ingest(request: web.Request) -> web.Response:
                 return _error(408, f"idle timeout: no body data for {idle:g}s")
             if not data:
                 break
+            digest.update(data)
             await session.feed(data)
         summary: IngestSummary = await session.finish()
+        body = msgspec.json.encode(summary)
+        if key is not None:
+            await app[IDEMPOTENCY].put(key, digest.hexdigest(), body)
     except ShardUnavailable as exc:
         await session.abort()
         return _error(503, str(exc))
     finally:
         app[INGESTS].discard(task)
-    return _json(summary)
+    return web.Response(body=body, content_type="application/json")
+
+
+async def timed_stats(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    response = await stats(request)
+    metrics.QUERY_SECONDS.labels(str(response.status)).observe(time.perf_counter() - started)
+    return response
+
+
+async def metrics_page(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format, every process's samples merged."""
+    body, content_type = await asyncio.get_running_loop().run_in_executor(None, metrics.exposition)
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
 
 
 async def health(request: web.Request) -> web.Response:
@@ -218,8 +273,16 @@ def create_app(settings: Settings, runtime_dir: Path, slot: int | None = None) -
         for client in app[CLIENTS]:
             await client.close()
 
+    async def idempotency_keys(app: web.Application) -> AsyncIterator[None]:
+        app[IDEMPOTENCY] = IdempotencyKeys(settings.data_dir)
+        await app[IDEMPOTENCY].open()
+        yield
+        await app[IDEMPOTENCY].close()
+
     app.cleanup_ctx.append(shard_clients)
-    app.router.add_get("/customers/{customer_id:.+}/stats", stats)
+    app.cleanup_ctx.append(idempotency_keys)
+    app.router.add_get("/customers/{customer_id:.+}/stats", timed_stats)
+    app.router.add_get("/metrics", metrics_page)
     app.router.add_post("/ingest", ingest)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
@@ -231,13 +294,19 @@ def create_app(settings: Settings, runtime_dir: Path, slot: int | None = None) -
 
 
 def run(
-    settings: Settings, http_sock: socket.socket, runtime_dir: Path, parent: Connection
+    settings: Settings,
+    http_sock: socket.socket,
+    runtime_dir: Path,
+    parent: Connection,
+    restarted: bool = False,
 ) -> None:
     """Process entry point (spawned by the supervisor); stops on a message or EOF on `parent`."""
+    if restarted:
+        metrics.RESTARTS.labels("front").inc()
     # Only the supervisor acts on signals sent to the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logs.configure(settings.log_level, "front")
+    logs.configure(settings.log_level, "front", settings.log_format)
     uvloop.run(_serve(settings, http_sock, runtime_dir, parent))
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
+from statsd_server import metrics
 from statsd_server.framing import LineFramer
 from statsd_server.messages import Applied, ApplyBatch
 from statsd_server.newest_day import NO_DAY, NewestDay
@@ -58,7 +59,9 @@ class IngestSession:
         newest_day: NewestDay,
         retention_days: int,
         clock: Callable[[], float] = time.time,
+        process: str = "front",
     ) -> None:
+        self._label = process
         self._router = router
         self._dispatcher = dispatcher
         self._newest_day = newest_day
@@ -94,7 +97,7 @@ class IngestSession:
         if self._errors:
             raise self._errors[0]
         if self._framer.too_long:
-            self._rejected["too_long"] += self._framer.too_long
+            self._reject({"too_long": self._framer.too_long})
         rejected = {reason: n for reason, n in sorted(self._rejected.items()) if n}
         return IngestSummary(self._accepted, sum(rejected.values()), rejected)
 
@@ -102,6 +105,12 @@ class IngestSession:
         """Stop without a summary: what was received is still sent on, as far as it goes."""
         await self._flush()
         await self._wait_in_flight()
+
+    def _reject(self, counts: Mapping[str, int]) -> None:
+        for reason, n in counts.items():
+            if n:
+                self._rejected[reason] += n
+                metrics.LINES_REJECTED.labels(reason, self._label).inc(n)
 
     async def _wait_in_flight(self) -> None:
         # An idle flush in flight may start more sends: wait until none is left.
@@ -116,7 +125,7 @@ class IngestSession:
         parsed, newest = apply_time_rules(parsed, self._clock(), newest, self._retention_days)
         if newest != NO_DAY:
             self._newest_day.publish(newest)
-        self._rejected.update(parsed.rejected)
+        self._reject(parsed.rejected)
         for shard, part in self._router.split(parsed).items():
             self._pending.setdefault(shard, []).append(part.batch())
             lines = self._pending_lines[shard] = self._pending_lines.get(shard, 0) + len(part)
@@ -156,7 +165,7 @@ class IngestSession:
             applied = await self._dispatcher.apply(shard, batch)
             self._accepted += applied.stored
             if applied.refused:
-                self._rejected["customer_limit"] += applied.refused
+                self._reject({"customer_limit": applied.refused})
         except Exception as exc:  # reported by finish(); the session stops taking data
             self._errors.append(exc)
         finally:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
@@ -25,7 +26,7 @@ import uvloop
 from persistence.snapshot import SnapshotDB
 from persistence.wal import WAL_DIRNAME, WriteAheadLog, layouts
 from sketches import SketchConfig
-from statsd_server import logs
+from statsd_server import logs, metrics
 from statsd_server.config import Settings
 from statsd_server.errors import ShardUnavailable, SnapshotError
 from statsd_server.ingest import Dispatcher, IngestSession
@@ -65,14 +66,21 @@ DRAIN_GRACE = 10.0
 
 
 def run(
-    settings: Settings, index: int, tcp_sock: socket.socket, runtime_dir: Path, parent: Connection
+    settings: Settings,
+    index: int,
+    tcp_sock: socket.socket,
+    runtime_dir: Path,
+    parent: Connection,
+    restarted: bool = False,
 ) -> None:
     """Process entry point (spawned by the supervisor)."""
+    if restarted:
+        metrics.RESTARTS.labels(f"shard-{index}").inc()
     # Signals to the whole process group (Ctrl-C, systemd, `timeout`) reach every process;
     # only the supervisor acts on them, so the shutdown keeps its order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logs.configure(settings.log_level, f"shard-{index}")
+    logs.configure(settings.log_level, f"shard-{index}", settings.log_format)
     worker = ShardWorker(settings, index, tcp_sock, runtime_dir, parent)
     try:
         uvloop.run(worker.run())
@@ -108,7 +116,9 @@ class ShardWorker:
         self._dispatcher = Dispatcher(self._clients, local=(index, self._accept))
         self._wal: WriteAheadLog | None = None
         self._counts = ShardCounts(runtime_dir / "shard_counts", index)
-        self.refused_total = 0
+        label = str(index)
+        self._m_accepted = metrics.LINES_ACCEPTED.labels(label)
+        self._m_batches = metrics.BATCHES.labels(label)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{index}")
         self._db: SnapshotDB | None = None
         self._ingest_tasks: set[asyncio.Task[None]] = set()
@@ -135,7 +145,10 @@ class ShardWorker:
         )
         if self.settings.wal:
             self._wal = WriteAheadLog(
-                self.settings.data_dir / WAL_DIRNAME, self.index, self.settings.shards
+                self.settings.data_dir / WAL_DIRNAME,
+                self.index,
+                self.settings.shards,
+                on_fsync=metrics.WAL_FSYNC.labels(str(self.index)).observe,
             )
             replayed = await loop.run_in_executor(
                 self._executor, replay_wal, self.store, self._wal, self._codec
@@ -145,6 +158,7 @@ class ShardWorker:
                 log.info("replayed %d batches from the write-ahead log", replayed)
         self._newest_day.publish(self.store.newest_day)
         self._counts.publish(self.store.customers_held)
+        self._publish_sizes()
 
         path = socket_path(self._runtime_dir, self.index)
         path.unlink(missing_ok=True)
@@ -252,6 +266,7 @@ class ShardWorker:
     async def _snapshot(self) -> None:
         """Write changed customer-days (and drop expired ones) in one transaction."""
         async with self._snapshot_lock:
+            started = time.perf_counter()
             self.store.advance(self._newest_day.get())
             self._counts.publish(self.store.customers_held)
             if self.store.newest_day == NO_DAY:
@@ -279,6 +294,12 @@ class ShardWorker:
                 raise
             if self._wal is not None:
                 await self._wal.discard_before(covered_seq)
+            label = str(self.index)
+            metrics.SNAPSHOT_SECONDS.labels(label).observe(time.perf_counter() - started)
+            metrics.SNAPSHOT_ROWS.labels(label).inc(len(rows))
+            with contextlib.suppress(OSError):
+                metrics.SNAPSHOT_BYTES.set(self._db.path.stat().st_size)
+            self._publish_sizes()
             if rows:
                 log.debug("snapshot: %d customer-days", len(rows))
                 # After an ingest burst, not per batch: it takes a few ms (off the loop thread;
@@ -286,6 +307,11 @@ class ShardWorker:
                 await asyncio.get_running_loop().run_in_executor(
                     self._executor, release_free_memory
                 )
+
+    def _publish_sizes(self) -> None:
+        label = str(self.index)
+        metrics.CUSTOMERS.labels(label).set(len(self.store.customers))
+        metrics.CUSTOMER_DAYS.labels(label).set(self.store.customer_days)
 
     # -- ingest over TCP ---------------------------------------------------------------------
 
@@ -296,7 +322,11 @@ class ShardWorker:
         assert task is not None
         self._ingest_tasks.add(task)
         session = IngestSession(
-            self._router, self._dispatcher, self._newest_day, self.settings.retention_days
+            self._router,
+            self._dispatcher,
+            self._newest_day,
+            self.settings.retention_days,
+            process=str(self.index),
         )
         idle = self.settings.idle_timeout
         try:
@@ -339,20 +369,21 @@ class ShardWorker:
     def _admit(self, batch: Batch) -> tuple[Batch, int]:
         """Apply STATS_MAX_CUSTOMERS: the batch without new customers beyond it."""
         cap = self.settings.max_customers
-        if not cap:
+        if not cap or not self.store.has_new_customers(batch):
             return batch, 0
-        batch, refused = self.store.admit(
-            batch, cap - self._counts.others() - self.store.customers_held
-        )
-        self._counts.publish(self.store.customers_held)
-        if refused:
-            self.refused_total += refused
+        # Under the lock, so two shards cannot both take the last room.
+        with self._counts.locked():
+            room = cap - self._counts.others() - self.store.customers_held
+            batch, refused = self.store.admit(batch, room)
+            self._counts.publish(self.store.customers_held)
         return batch, refused
 
     async def _accept(self, batch: Batch, message: ApplyBatch | None = None) -> Applied:
         """Take a batch this shard owns; acknowledged once its log record is on disk."""
         newest = self._newest_day.get()
         batch, refused = self._admit(batch)
+        self._m_accepted.inc(len(batch.day))
+        self._m_batches.inc()
         if refused:
             message = None
         if self._wal is None or not len(batch.day):
@@ -367,6 +398,8 @@ class ShardWorker:
         """Requests answered at once; None for those that must wait (batches, drain...)."""
         if isinstance(body, ApplyBatch) and self._wal is None:
             batch, refused = self._admit(Batch(body.customers, *body.columns()))
+            self._m_accepted.inc(len(batch.day))
+            self._m_batches.inc()
             return Applied(self.store.enqueue(batch, self._newest_day.get()).stored, refused)
         if isinstance(body, StatsQuery):
             self.store.advance(self._newest_day.get())

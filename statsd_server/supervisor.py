@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import multiprocessing as mp
+import os
 import shutil
 import signal
 import socket
@@ -27,7 +28,7 @@ from pathlib import Path
 import msgspec
 
 from persistence.snapshot import SnapshotDB
-from statsd_server import front, newest_day, shard, shard_counts
+from statsd_server import front, metrics, newest_day, shard, shard_counts
 from statsd_server.config import Settings
 from statsd_server.errors import ConfigError, StatsServerError
 from statsd_server.loader import load_files
@@ -68,6 +69,7 @@ class _Child:
         self.args = args
         self.process: BaseProcess | None = None
         self.conn: Connection | None = None
+        self.starts = 0
 
 
 class Supervisor:
@@ -96,6 +98,9 @@ class Supervisor:
         runtime_dir = self._runtime_dir = Path(tempfile.mkdtemp(prefix="statsd-server-"))
         newest_day.create(runtime_dir / "newest_day", s.shards + 1)
         shard_counts.create(runtime_dir / "shard_counts", s.shards)
+        # For prometheus-client, which reads it at import: the children are spawned with it.
+        (runtime_dir / "metrics").mkdir()
+        os.environ[metrics.MULTIPROC_ENV] = str(runtime_dir / "metrics")
         sockets = self._sockets
         try:
             sockets.append(_listen(s.host, s.http_port, reuse_port=False))
@@ -142,8 +147,13 @@ class Supervisor:
     def _start(self, child: _Child) -> None:
         parent_end, child_end = self._ctx.Pipe()
         process = self._ctx.Process(
-            target=child.target, args=(*child.args, child_end), name=child.name, daemon=False
+            target=child.target,
+            args=(*child.args, child_end),
+            kwargs={"restarted": child.starts > 0},
+            name=child.name,
+            daemon=False,
         )
+        child.starts += 1
         process.start()
         child_end.close()
         child.process, child.conn = process, parent_end
@@ -189,6 +199,8 @@ class Supervisor:
                     break
                 assert child.process is not None
                 child.process.join()
+                if child.process.pid is not None:
+                    metrics.process_dead(child.process.pid)
                 log.error(
                     "%s died (exit code %s); restarting it", child.name, child.process.exitcode
                 )

@@ -209,7 +209,8 @@ def _schemas() -> dict[str, Any]:
                 "rejected_by_reason": {
                     "type": "object",
                     "description": "Rejected lines by reason; reasons with no line are left out.",
-                    "propertyNames": {"enum": list(REASONS)},
+                    # customer_limit: the owning shard refused a new customer (the cap).
+                    "propertyNames": {"enum": [*REASONS, "customer_limit"]},
                     "additionalProperties": {"type": "integer", "minimum": 1},
                 },
             },
@@ -371,6 +372,17 @@ def _paths() -> dict[str, Any]:
                 "counted by reason and never stop the good ones; the answer comes once "
                 "the accepted lines are applied, so queries made after it see them.",
                 "tags": ["ingest"],
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "description": "Send the same key when retrying the same body: the "
+                        "first answer is returned again (header Idempotent-Replayed: true) and "
+                        "nothing is counted twice. Keys are kept 24 hours, across restarts.",
+                        "schema": {"type": "string", "pattern": "^[\\x21-\\x7e]{1,255}$"},
+                    }
+                ],
                 "requestBody": {
                     "description": "Lines; an empty or missing body is zero lines.",
                     "required": False,
@@ -393,6 +405,13 @@ def _paths() -> dict[str, Any]:
                             "error": "unsupported Content-Type 'application/json'; send lines "
                             "as " + " or ".join(INGEST_CONTENT_TYPES)
                         },
+                    ),
+                    "400": _json_response("An invalid Idempotency-Key.", "Error"),
+                    "408": _json_response(
+                        "The body stopped arriving (STATS_IDLE_TIMEOUT).", "Error"
+                    ),
+                    "422": _json_response(
+                        "The Idempotency-Key was used for another body.", "Error"
                     ),
                     "503": _json_response("A shard is not answering.", "Error"),
                 },
@@ -418,6 +437,19 @@ def _paths() -> dict[str, Any]:
                         "NotReady",
                         one_missing={"error": "shards not answering: 1", "missing_shards": [1]},
                     ),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "operationId": "metrics",
+                "summary": "Prometheus metrics of every process (text exposition format)",
+                "tags": ["operations"],
+                "responses": {
+                    "200": {
+                        "description": "Counters, gauges and histograms, merged over processes.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
                 },
             }
         },

@@ -355,4 +355,12 @@ def test_schemathesis_finds_no_failures(loaded: tuple[Server, int], tmp_path: Pa
         timeout=300,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert "No issues found" in result.stdout
+    # The one warning allowed: generated POSTs reuse Idempotency-Keys with other bodies, and
+    # get the documented 422, which schemathesis reports as "mostly rejected". Any other
+    # warning (or a second operation under it) fails.
+    if "No issues found" not in result.stdout:
+        warnings = result.stdout.split("Warnings:")[1].split("Test cases:")[0]
+        assert warnings.strip().splitlines() == [
+            "⚠️ Schema validation mismatch: 1 operation mostly rejected generated data"
+        ], result.stdout[-4000:]
+        assert "  - POST /ingest\n\n💡 Check your schema constraints" in result.stdout

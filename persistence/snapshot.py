@@ -15,6 +15,7 @@ import sqlite_utils
 
 from sketches import DayAggregate, SketchConfig
 from statsd_server.errors import SnapshotError
+from statsd_server.pieces import KEEP_SECONDS, PieceRow
 from statsd_server.routing import customer_key
 
 DB_FILENAME = "stats.db"
@@ -96,11 +97,23 @@ class SnapshotDB:
             if "wal_lsn" not in days.columns_dict:  # a file from before the write-ahead log
                 days.add_column("wal_lsn", int, not_null_default=0)
             self.db.table("meta").create({"key": str, "value": int}, pk="key", if_not_exists=True)
+            self.db.table("loaded_pieces").create(
+                {"piece": str, "shards": int, "shard": int, "created": float},
+                pk=("piece", "shards", "shard"),
+                if_not_exists=True,
+            )
         except sqlite3.DatabaseError as exc:
             raise SnapshotError(f"cannot open snapshot database {self.path}: {exc}") from exc
 
-    def write(self, rows: list[SnapshotRow], cutoff_day: int, newest_day: int) -> None:
-        """Upsert changed rows, drop days older than the cutoff, in one transaction."""
+    def write(
+        self,
+        rows: list[SnapshotRow],
+        cutoff_day: int,
+        newest_day: int,
+        pieces: list[PieceRow] | None = None,
+    ) -> None:
+        """Upsert changed rows and newly applied load pieces, drop days older than the
+        cutoff (and pieces older than KEEP_SECONDS), in one transaction."""
         conn = self.db.conn
         # IMMEDIATE takes the write lock up front, so a concurrent writer (another shard) makes
         # this wait for the busy timeout; a deferred transaction could fail at once instead.
@@ -115,6 +128,16 @@ class SnapshotDB:
                 rows,
             )
             conn.execute("DELETE FROM days WHERE day < ?", [cutoff_day])
+            if pieces:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO loaded_pieces (piece, shards, shard, created)"
+                    " VALUES (?, ?, ?, ?)",
+                    pieces,
+                )
+                conn.execute(
+                    "DELETE FROM loaded_pieces WHERE created < ?",
+                    [pieces[-1].created - KEEP_SECONDS],
+                )
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('newest_day', ?)"
                 " ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
@@ -138,6 +161,15 @@ class SnapshotDB:
         ]
         meta = self.db.execute("SELECT value FROM meta WHERE key = 'newest_day'").fetchone()
         return rows, (meta[0] if meta else None)
+
+    def load_pieces(self) -> list[PieceRow]:
+        """Every layout's applied load pieces (see statsd_server.pieces)."""
+        return [
+            PieceRow(*r)
+            for r in self.db.execute(
+                "SELECT piece, shards, shard, created FROM loaded_pieces"
+            ).fetchall()
+        ]
 
     def close(self) -> None:
         self.db.close()

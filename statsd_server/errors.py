@@ -15,6 +15,10 @@ class SnapshotError(StatsServerError):
     """The snapshot database cannot be opened, read or written."""
 
 
+class PieceError(StatsServerError):
+    """A resumable-load piece that cannot be taken (bad header, too large)."""
+
+
 class ShardUnavailable(StatsServerError):
     """A shard process did not answer."""
 

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 
 from statsd_server import metrics
+from statsd_server.errors import PieceError
 from statsd_server.framing import LineFramer
 from statsd_server.messages import Applied, ApplyBatch
 from statsd_server.newest_day import NO_DAY, NewestDay
@@ -28,6 +29,10 @@ MAX_IN_FLIGHT = 8
 SEND_BATCH = 65_536
 # What a stream has sent is sent on to the shards within this long, even mid-stream.
 IDLE_FLUSH = 0.2
+MAX_PIECE_BYTES = 64 * 1024 * 1024
+
+
+LocalApply = Callable[[Batch, ApplyBatch | None, str], Awaitable[Applied]]
 
 
 class Dispatcher:
@@ -36,15 +41,16 @@ class Dispatcher:
     def __init__(
         self,
         clients: list[ShardClient],
-        local: tuple[int, Callable[[Batch], Awaitable[Applied]]] | None = None,
+        local: tuple[int, LocalApply] | None = None,
     ) -> None:
         self._clients = clients
         self._local = local
 
-    async def apply(self, shard: int, batch: Batch) -> Applied:
+    async def apply(self, shard: int, batch: Batch, piece: str = "") -> Applied:
         if self._local is not None and self._local[0] == shard:
-            return await self._local[1](batch)
-        reply = await self._clients[shard].request(ApplyBatch.from_batch(batch), APPLY_TIMEOUT)
+            return await self._local[1](batch, None, piece)
+        message = ApplyBatch.from_batch(batch, piece)
+        reply = await self._clients[shard].request(message, APPLY_TIMEOUT)
         assert isinstance(reply, Applied), reply
         return reply
 
@@ -60,7 +66,15 @@ class IngestSession:
         retention_days: int,
         clock: Callable[[], float] = time.time,
         process: str = "front",
+        piece: str = "",
+        piece_bytes: int = 0,
     ) -> None:
+        # A load piece (statsd_server.pieces) is held whole and sent on at its end, if it
+        # arrived whole: a client killed mid-piece also ends its stream.
+        self._piece = piece
+        self._piece_expected = piece_bytes
+        self._piece_bytes = 0
+        self.duplicates = 0
         self._label = process
         self._router = router
         self._dispatcher = dispatcher
@@ -79,16 +93,28 @@ class IngestSession:
 
     async def feed(self, data: bytes) -> None:
         """Take more bytes; complete lines are parsed and sent on in batches."""
+        if self._piece:
+            self._piece_bytes += len(data)
+            if self._piece_bytes > min(MAX_PIECE_BYTES, self._piece_expected):
+                raise PieceError(
+                    f"load piece longer than announced ({self._piece_expected} bytes; at most"
+                    f" {MAX_PIECE_BYTES})"
+                )
         chunk = self._framer.feed(data)
         if chunk:
             await self._process(chunk)
-        if self._pending and self._idle_timer is None:
+        if self._pending and self._idle_timer is None and not self._piece:
             # Started once, not pushed back by every read: a stream that never pauses still
             # has its lines sent on within IDLE_FLUSH.
             self._idle_timer = asyncio.get_running_loop().call_later(IDLE_FLUSH, self._on_idle)
 
     async def finish(self) -> IngestSummary:
         """Apply everything received and return the summary; raises if a shard failed."""
+        if self._piece and self._piece_bytes != self._piece_expected:
+            raise PieceError(
+                f"load piece ended after {self._piece_bytes} of {self._piece_expected} bytes;"
+                " nothing of it was applied"
+            )
         rest = self._framer.finish()
         if rest:
             await self._process(rest)
@@ -102,7 +128,10 @@ class IngestSession:
         return IngestSummary(self._accepted, sum(rejected.values()), rejected)
 
     async def abort(self) -> None:
-        """Stop without a summary: what was received is still sent on, as far as it goes."""
+        """Stop without a summary: what was received is still sent on, as far as it goes
+        (a load piece's is dropped: it is applied whole or not at all)."""
+        if self._piece:
+            self._pending.clear()
         await self._flush()
         await self._wait_in_flight()
 
@@ -129,7 +158,7 @@ class IngestSession:
         for shard, part in self._router.split(parsed).items():
             self._pending.setdefault(shard, []).append(part.batch())
             lines = self._pending_lines[shard] = self._pending_lines.get(shard, 0) + len(part)
-            if lines >= SEND_BATCH:
+            if lines >= SEND_BATCH and not self._piece:
                 await self._dispatch(shard)
 
     async def _dispatch(self, shard: int) -> None:
@@ -162,8 +191,9 @@ class IngestSession:
 
     async def _send(self, shard: int, batch: Batch) -> None:
         try:
-            applied = await self._dispatcher.apply(shard, batch)
+            applied = await self._dispatcher.apply(shard, batch, self._piece)
             self._accepted += applied.stored
+            self.duplicates += applied.duplicate
             if applied.refused:
                 self._reject({"customer_limit": applied.refused})
         except Exception as exc:  # reported by finish(); the session stops taking data

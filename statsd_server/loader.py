@@ -1,12 +1,17 @@
 """`statsd-server load`: send log files to a running server over parallel TCP connections.
 
-Each file is cut at line boundaries into parts sent with sendfile() on their own
-connections; the server's per-connection summaries are added up. On a terminal a progress bar
-shows the bytes sent, the lines in them, both rates and the time left.
+Each file is cut into pieces of about PIECE_BYTES, just after a newline, at offsets that
+depend only on the file, and each piece goes with sendfile() on its own connection,
+announced by a first line `#load-piece <hash of its bytes>:<offset> <length>`. The server
+applies a named piece whole and at most once (statsd_server.pieces), so re-running an
+interrupted load sends everything again but counts only what the server did not have: no
+double counting. The server's per-piece summaries are added up. On a terminal a progress
+bar shows the bytes sent, the lines in them, both rates and the time left.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import socket
@@ -20,10 +25,11 @@ import msgspec
 from tqdm import tqdm
 
 from statsd_server.errors import StatsServerError
-from statsd_server.summary import IngestSummary
+from statsd_server.pieces import PIECE_HEADER
+from statsd_server.summary import IngestSummary, LoadSummary
 
-# Parts smaller than this are not worth a connection of their own.
-MIN_PART_BYTES = 4 * 1024 * 1024
+PIECE_BYTES = 4 * 1024 * 1024
+_HASH_BLOCK = 4 * 1024 * 1024
 _SEND_PIECE = 1024 * 1024
 _REPLY_LIMIT = 1024 * 1024
 
@@ -70,22 +76,35 @@ class LoadProgress(tqdm):
         return d
 
 
-def split_at_lines(path: Path, parts: int) -> list[tuple[int, int]]:
-    """(offset, length) ranges of a file, cut just after newlines, about equal in size."""
+def split_at_lines(path: Path, piece_bytes: int = PIECE_BYTES) -> list[tuple[int, int]]:
+    """(offset, length) pieces of a file, each cut just after the first newline at or past
+    a multiple of `piece_bytes`: the same pieces for the same file, every time."""
     size = path.stat().st_size
-    parts = max(1, min(parts, size // MIN_PART_BYTES or 1))
     cuts = [0]
     with open(path, "rb") as f:
-        for i in range(1, parts):
-            f.seek(max(cuts[-1], size * i // parts))
+        for target in range(piece_bytes, size, piece_bytes):
+            if target <= cuts[-1]:
+                continue
+            f.seek(target - 1)
             f.readline()
             pos = f.tell()
             if pos >= size:
                 break
-            if pos > cuts[-1]:
-                cuts.append(pos)
+            cuts.append(pos)
     cuts.append(size)
     return [(a, b - a) for a, b in itertools.pairwise(cuts) if b > a] or [(0, 0)]
+
+
+def piece_name(f: BinaryIO, offset: int, length: int) -> str:
+    """A piece's name: the same bytes at the same offset get the same name, in any run.
+
+    Hashed by the thread that sends the piece (hashlib releases the GIL), so the names of a
+    big file cost no pass of their own.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    for start in range(offset, offset + length, _HASH_BLOCK):
+        digest.update(os.pread(f.fileno(), min(_HASH_BLOCK, offset + length - start), start))
+    return f"{digest.hexdigest()}:{offset}"
 
 
 def _lines_in(f: BinaryIO, offset: int, length: int, last_piece: bool) -> int:
@@ -95,14 +114,21 @@ def _lines_in(f: BinaryIO, offset: int, length: int, last_piece: bool) -> int:
 
 
 def _send_part(
-    host: str, port: int, path: Path, offset: int, length: int, progress: LoadProgress
-) -> IngestSummary:
+    host: str,
+    port: int,
+    path: Path,
+    offset: int,
+    length: int,
+    progress: LoadProgress,
+) -> tuple[IngestSummary, int]:
     try:
         sock = socket.create_connection((host, port))
     except OSError as exc:
         raise LoadError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
     with sock, open(path, "rb") as f:
         try:
+            name = piece_name(f, offset, length)
+            sock.sendall(PIECE_HEADER + f"{name} {length}\n".encode())
             sent = 0
             while sent < length:
                 n = sock.sendfile(f, offset + sent, min(_SEND_PIECE, length - sent))
@@ -126,19 +152,21 @@ def _send_part(
         raise LoadError(f"{path}: unexpected reply from the server: {reply[:200]!r}") from None
     if isinstance(decoded, dict) and "error" in decoded:
         raise LoadError(f"{path}: the server failed: {decoded['error']}")
-    return msgspec.convert(decoded, IngestSummary)
+    return msgspec.convert(decoded, IngestSummary), int(decoded.get("already_loaded", 0))
 
 
 def load_files(
     host: str, port: int, files: tuple[Path, ...] | list[Path], connections: int | None = None
-) -> IngestSummary:
-    """Send every file and return the summed summary; a progress bar shows on a terminal."""
+) -> LoadSummary:
+    """Send every file and return the summed summary; a progress bar shows on a terminal.
+
+    Safe to re-run after an interruption: pieces the server already has are not counted
+    again (`already_loaded` says how many of their lines it skipped).
+    """
     connections = connections or default_connections()
-    jobs = [
-        (path, off, ln) for path in files for off, ln in split_at_lines(Path(path), connections)
-    ]
-    total = sum(ln for _, _, ln in jobs)
-    summary = IngestSummary()
+    jobs = [(Path(path), off, ln) for path in files for off, ln in split_at_lines(Path(path))]
+    total = sum(ln for *_, ln in jobs)
+    summary = LoadSummary()
     with (
         LoadProgress(
             total=total,
@@ -151,7 +179,7 @@ def load_files(
         ) as progress,
         ThreadPoolExecutor(connections) as pool,
     ):
-        futures = [pool.submit(_send_part, host, port, Path(p), o, n, progress) for p, o, n in jobs]
+        futures = [pool.submit(_send_part, host, port, p, o, n, progress) for p, o, n in jobs]
         for future in futures:
-            summary = summary + future.result()
+            summary = summary.add(*future.result())
     return summary

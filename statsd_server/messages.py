@@ -24,15 +24,17 @@ class ApplyBatch(msgspec.Struct, tag="apply", array_like=True):
     day: bytes  # int32
     status: bytes  # int16
     duration: bytes  # float64
+    piece: str = ""  # the resumable-load piece the batch belongs to (statsd_server.pieces)
 
     @classmethod
-    def from_batch(cls, batch: Batch) -> ApplyBatch:
+    def from_batch(cls, batch: Batch, piece: str = "") -> ApplyBatch:
         return cls(
             customers=batch.customers,
             customer=batch.customer.astype("<i4").tobytes(),
             day=batch.day.astype("<i4").tobytes(),
             status=batch.status.astype("<i2").tobytes(),
             duration=batch.duration.astype("<f8").tobytes(),
+            piece=piece,
         )
 
     def columns(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -53,10 +55,11 @@ class WalRecord(msgspec.Struct, array_like=True):
 
 class Applied(msgspec.Struct, tag="applied", array_like=True):
     """The owner took `stored` requests of a batch (queued; applied before anything reads);
-    `refused` were of new customers beyond STATS_MAX_CUSTOMERS."""
+    `refused` were of new customers beyond STATS_MAX_CUSTOMERS, `duplicate` already held."""
 
     stored: int
     refused: int = 0
+    duplicate: int = 0  # of a load piece this server already applied
 
 
 class StatsQuery(msgspec.Struct, tag="stats", array_like=True):

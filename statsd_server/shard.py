@@ -28,7 +28,7 @@ from persistence.wal import WAL_DIRNAME, WriteAheadLog, layouts
 from sketches import SketchConfig
 from statsd_server import logs, metrics
 from statsd_server.config import Settings
-from statsd_server.errors import ShardUnavailable, SnapshotError
+from statsd_server.errors import PieceError, ShardUnavailable, SnapshotError
 from statsd_server.ingest import Dispatcher, IngestSession
 from statsd_server.memory import release_free_memory
 from statsd_server.messages import (
@@ -48,6 +48,7 @@ from statsd_server.messages import (
 )
 from statsd_server.newest_day import NO_DAY, NewestDay
 from statsd_server.parse import Batch
+from statsd_server.pieces import MAX_NAME_BYTES, PIECE_HEADER, LoadedPieces
 from statsd_server.routing import Router
 from statsd_server.rpc import ShardClient, serve_connection, socket_path
 from statsd_server.shard_counts import ShardCounts
@@ -116,6 +117,7 @@ class ShardWorker:
         self._dispatcher = Dispatcher(self._clients, local=(index, self._accept))
         self._wal: WriteAheadLog | None = None
         self._counts = ShardCounts(runtime_dir / "shard_counts", index)
+        self._pieces = LoadedPieces(index, settings.shards)
         label = str(index)
         self._m_accepted = metrics.LINES_ACCEPTED.labels(label)
         self._m_batches = metrics.BATCHES.labels(label)
@@ -136,6 +138,7 @@ class ShardWorker:
             self._executor, self._db.load, self.index, self.settings.shards
         )
         last_lsn = self.store.restore(rows, NO_DAY if newest is None else newest)
+        self._pieces.restore(await loop.run_in_executor(self._executor, self._db.load_pieces))
         log.info(
             "pid %d: restored %d customer-days of %d customers from %s",
             os.getpid(),
@@ -151,7 +154,7 @@ class ShardWorker:
                 on_fsync=metrics.WAL_FSYNC.labels(str(self.index)).observe,
             )
             replayed = await loop.run_in_executor(
-                self._executor, replay_wal, self.store, self._wal, self._codec
+                self._executor, replay_wal, self.store, self._pieces, self._wal, self._codec
             )
             self._wal.open(last_lsn)
             if replayed:
@@ -275,6 +278,7 @@ class ShardWorker:
             # applied), so the snapshot below covers them.
             covered_seq = self._wal.rotate() if self._wal is not None else 0
             keys = self.store.take_dirty()
+            pieces = self._pieces.take_unsaved()
             rows = []
             # Serializing tens of thousands of days takes a while: let queries in between.
             for start in range(0, len(keys), SNAPSHOT_SLICE):
@@ -288,9 +292,11 @@ class ShardWorker:
                     rows,
                     self.store.cutoff_day,
                     self.store.newest_day,
+                    pieces,
                 )
             except BaseException:
                 self.store.mark_dirty(rows)
+                self._pieces.unsaved_again(pieces)
                 raise
             if self._wal is not None:
                 await self._wal.discard_before(covered_seq)
@@ -321,39 +327,81 @@ class ShardWorker:
         task = asyncio.current_task()
         assert task is not None
         self._ingest_tasks.add(task)
-        session = IngestSession(
-            self._router,
-            self._dispatcher,
-            self._newest_day,
-            self.settings.retention_days,
-            process=str(self.index),
-        )
         idle = self.settings.idle_timeout
+        session = None
         try:
-            closing: dict[str, str] = {}
+            data, piece = await self._read_piece_header(reader)
+            name, size = piece or ("", 0)
+            session = IngestSession(
+                self._router,
+                self._dispatcher,
+                self._newest_day,
+                self.settings.retention_days,
+                process=str(self.index),
+                piece=name,
+                piece_bytes=size,
+            )
+            closing: dict[str, object] = {}
             while True:
+                if data:
+                    await session.feed(data)
                 try:
                     data = await asyncio.wait_for(reader.read(READ_SIZE), idle)
                 except TimeoutError:
-                    # Like an end of stream: what was sent is applied and summarised.
                     closing = {"error": f"idle timeout: nothing received for {idle:g}s"}
-                    break
+                    if piece:  # a piece is applied whole or not at all
+                        raise
+                    break  # like an end of stream: what was sent is applied and summarised
                 if not data:
                     break
-                await session.feed(data)
             summary = await session.finish()
             answer = msgspec.structs.asdict(summary) | closing
+            if piece:
+                answer["already_loaded"] = session.duplicates
             writer.write(msgspec.json.encode(answer) + b"\n")
             await writer.drain()
+        except (PieceError, TimeoutError) as exc:
+            if session is not None:
+                await session.abort()
+            message = str(exc) or f"idle timeout: nothing received for {idle:g}s"
+            writer.write(msgspec.json.encode({"error": message}) + b"\n")
         except ShardUnavailable as exc:
             log.error("ingest connection failed: %s", exc)
-            await session.abort()
+            if session is not None:
+                await session.abort()
             writer.write(msgspec.json.encode({"error": str(exc)}) + b"\n")
         except (ConnectionError, asyncio.CancelledError):
-            await session.abort()
+            if session is not None:
+                await session.abort()
         finally:
             self._ingest_tasks.discard(task)
             writer.close()
+
+    async def _read_piece_header(
+        self, reader: asyncio.StreamReader
+    ) -> tuple[bytes, tuple[str, int] | None]:
+        """The first bytes of a connection, and the load piece it announces: name and size."""
+        idle = self.settings.idle_timeout
+        data = await asyncio.wait_for(reader.read(READ_SIZE), idle)
+        if not data.startswith(PIECE_HEADER[: len(data)]) or not data:
+            return data, None
+        while b"\n" not in data and len(data) < len(PIECE_HEADER) + MAX_NAME_BYTES + 1:
+            more = await asyncio.wait_for(reader.read(READ_SIZE), idle)
+            if not more:
+                break
+            data += more
+        line, newline, rest = data.partition(b"\n")
+        if not line.startswith(PIECE_HEADER):
+            return data, None
+        name, _, size = line[len(PIECE_HEADER) :].strip().partition(b" ")
+        if (
+            not newline
+            or not 0 < len(name) <= MAX_NAME_BYTES
+            or not name.isascii()
+            or not size.isdigit()
+        ):
+            raise PieceError(f"invalid load piece header {line[:64]!r}")
+        return rest, (name.decode(), int(size))
 
     # -- requests from the front, other shards and the supervisor ----------------------------
 
@@ -378,25 +426,32 @@ class ShardWorker:
             self._counts.publish(self.store.customers_held)
         return batch, refused
 
-    async def _accept(self, batch: Batch, message: ApplyBatch | None = None) -> Applied:
+    async def _accept(
+        self, batch: Batch, message: ApplyBatch | None = None, piece: str = ""
+    ) -> Applied:
         """Take a batch this shard owns; acknowledged once its log record is on disk."""
         newest = self._newest_day.get()
+        duplicate = 0
+        if piece:
+            batch, duplicate = self._pieces.drop_held(piece, batch)
         batch, refused = self._admit(batch)
         self._m_accepted.inc(len(batch.day))
         self._m_batches.inc()
-        if refused:
+        if refused or duplicate:
             message = None
-        if self._wal is None or not len(batch.day):
-            return Applied(self.store.enqueue(batch, newest).stored, refused)
-        record = self._codec.wal_record(message or ApplyBatch.from_batch(batch), newest)
+        if piece:
+            self._pieces.mark(piece)
+        if self._wal is None or not (len(batch.day) or piece):
+            return Applied(self.store.enqueue(batch, newest).stored, refused, duplicate)
+        record = self._codec.wal_record(message or ApplyBatch.from_batch(batch, piece), newest)
         lsn = self._wal.append(record)
         self.store.enqueue(batch, newest, lsn)
         await self._wal.durable(lsn)
-        return Applied(len(batch.day), refused)
+        return Applied(len(batch.day), refused, duplicate)
 
     def _handle_now(self, body: Body) -> Body | None:
         """Requests answered at once; None for those that must wait (batches, drain...)."""
-        if isinstance(body, ApplyBatch) and self._wal is None:
+        if isinstance(body, ApplyBatch) and self._wal is None and not body.piece:
             batch, refused = self._admit(Batch(body.customers, *body.columns()))
             self._m_accepted.inc(len(batch.day))
             self._m_batches.inc()
@@ -416,7 +471,8 @@ class ShardWorker:
 
     async def _handle_later(self, body: Body) -> Body:
         if isinstance(body, ApplyBatch):
-            return await self._accept(Batch(body.customers, *body.columns()), body)
+            batch = Batch(body.customers, *body.columns())
+            return await self._accept(batch, body, body.piece)
         if isinstance(body, Drain):
             await self._drain()
             return Drained()
@@ -432,7 +488,7 @@ class ShardWorker:
 # -- the write-ahead log at start ------------------------------------------------------------
 
 
-def replay_wal(store: ShardStore, wal: WriteAheadLog, codec: Codec) -> int:
+def replay_wal(store: ShardStore, pieces: LoadedPieces, wal: WriteAheadLog, codec: Codec) -> int:
     """Apply the batches a log holds beyond the snapshot; how many records were read."""
     count = 0
     for lsn, payload in wal.replay():
@@ -443,6 +499,8 @@ def replay_wal(store: ShardStore, wal: WriteAheadLog, codec: Codec) -> int:
             continue
         batch = record.batch
         store.apply(Batch(batch.customers, *batch.columns()), record.newest_day, lsn)
+        if batch.piece:
+            pieces.mark(batch.piece)
         count += 1
     return count
 
@@ -468,9 +526,15 @@ def recover_other_layouts(settings: Settings) -> None:
                 rows, newest = db.load(index, shards)
                 store.restore(rows, NO_DAY if newest is None else newest)
                 wal = WriteAheadLog(directory, index, shards)
-                replayed = replay_wal(store, wal, codec)
+                pieces = LoadedPieces(index, shards)
+                replayed = replay_wal(store, pieces, wal, codec)
                 if store.newest_day != NO_DAY:
-                    db.write(store.rows(store.take_dirty()), store.cutoff_day, store.newest_day)
+                    db.write(
+                        store.rows(store.take_dirty()),
+                        store.cutoff_day,
+                        store.newest_day,
+                        pieces.take_unsaved(),
+                    )
                 wal.discard_all()
                 wal.close()
                 log.info(

@@ -24,3 +24,19 @@ class IngestSummary(msgspec.Struct):
             self.rejected + other.rejected,
             dict(sorted(reasons.items())),
         )
+
+
+class LoadSummary(IngestSummary):
+    """`statsd-server load`'s answer: also the lines of pieces the server already had (a
+    re-run after an interruption), which are not counted again."""
+
+    already_loaded: int = 0
+
+    def add(self, part: IngestSummary, already_loaded: int) -> LoadSummary:
+        total = self + part
+        return LoadSummary(
+            total.accepted,
+            total.rejected,
+            total.rejected_by_reason,
+            self.already_loaded + already_loaded,
+        )

@@ -18,6 +18,10 @@ from statsd_server.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("text", "json")
+# Connections the kernel queues before a process accepts them. The supervisor binds the
+# sockets; the shards' and the front's servers listen() on them again with the same value
+# (their libraries' defaults, 100 and 128, would shrink the queue).
+LISTEN_BACKLOG = 1024
 
 
 def _positive_int(raw: str) -> int:

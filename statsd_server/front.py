@@ -20,7 +20,7 @@ import uvloop
 from aiohttp import web
 
 from statsd_server import logs, metrics
-from statsd_server.config import Settings
+from statsd_server.config import LISTEN_BACKLOG, Settings
 from statsd_server.errors import ShardUnavailable
 from statsd_server.idempotency import HEADER as IDEMPOTENCY_HEADER
 from statsd_server.idempotency import IdempotencyKeys, key_problem
@@ -316,7 +316,7 @@ async def _serve(
     app = create_app(settings, runtime_dir)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.SockSite(runner, http_sock)
+    site = web.SockSite(runner, http_sock, backlog=LISTEN_BACKLOG)
     await site.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -17,6 +17,7 @@ from statsd_server.framing import LineFramer
 from statsd_server.messages import Applied, ApplyBatch
 from statsd_server.newest_day import NO_DAY, NewestDay
 from statsd_server.parse import Batch, apply_time_rules, concat_batches, parse_chunk
+from statsd_server.pieces import MAX_PIECE_BYTES
 from statsd_server.routing import Router
 from statsd_server.rpc import ShardClient
 from statsd_server.summary import IngestSummary
@@ -29,7 +30,6 @@ MAX_IN_FLIGHT = 8
 SEND_BATCH = 65_536
 # What a stream has sent is sent on to the shards within this long, even mid-stream.
 IDLE_FLUSH = 0.2
-MAX_PIECE_BYTES = 64 * 1024 * 1024
 
 
 LocalApply = Callable[[Batch, ApplyBatch | None, str], Awaitable[Applied]]

@@ -13,7 +13,10 @@ recorded layout holds the piece.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import NamedTuple
 
 import numpy as np
@@ -24,6 +27,8 @@ from statsd_server.routing import customer_key
 PIECE_HEADER = b"#load-piece "
 MAX_NAME_BYTES = 200
 KEEP_SECONDS = 40 * 86400  # beyond any retention a re-run could still matter for
+MAX_PIECE_BYTES = 64 * 1024 * 1024
+PROCESS_PIECE_BYTES = 256 * 1024 * 1024  # held at once by one process
 
 
 class PieceRow(NamedTuple):
@@ -33,6 +38,28 @@ class PieceRow(NamedTuple):
     shards: int
     shard: int
     created: float
+
+
+class PieceBudget:
+    """Bytes of pieces one process holds at once. A piece reserves its announced size before
+    its bytes are read, and waits, unread (TCP pushes back on the client), until there is
+    room; a reservation is always for a whole piece, so held pieces can always complete."""
+
+    def __init__(self, capacity: int = PROCESS_PIECE_BYTES) -> None:
+        self._free = capacity
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def reserved(self, size: int) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._free >= size)
+            self._free -= size
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._free += size
+                self._changed.notify_all()
 
 
 class LoadedPieces:

@@ -27,7 +27,7 @@ from persistence.snapshot import SnapshotDB
 from persistence.wal import WAL_DIRNAME, WriteAheadLog, layouts
 from sketches import SketchConfig
 from statsd_server import logs, metrics
-from statsd_server.config import Settings
+from statsd_server.config import LISTEN_BACKLOG, Settings
 from statsd_server.errors import PieceError, ShardUnavailable, SnapshotError
 from statsd_server.ingest import Dispatcher, IngestSession
 from statsd_server.memory import release_free_memory
@@ -48,11 +48,18 @@ from statsd_server.messages import (
 )
 from statsd_server.newest_day import NO_DAY, NewestDay
 from statsd_server.parse import Batch
-from statsd_server.pieces import MAX_NAME_BYTES, PIECE_HEADER, LoadedPieces
+from statsd_server.pieces import (
+    MAX_NAME_BYTES,
+    MAX_PIECE_BYTES,
+    PIECE_HEADER,
+    LoadedPieces,
+    PieceBudget,
+)
 from statsd_server.routing import Router
 from statsd_server.rpc import ShardClient, serve_connection, socket_path
 from statsd_server.shard_counts import ShardCounts
 from statsd_server.store import ShardStore
+from statsd_server.summary import IngestSummary
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,7 @@ class ShardWorker:
         self._wal: WriteAheadLog | None = None
         self._counts = ShardCounts(runtime_dir / "shard_counts", index)
         self._pieces = LoadedPieces(index, settings.shards)
+        self._piece_budget = PieceBudget()
         label = str(index)
         self._m_accepted = metrics.LINES_ACCEPTED.labels(label)
         self._m_batches = metrics.BATCHES.labels(label)
@@ -167,7 +175,7 @@ class ShardWorker:
         path.unlink(missing_ok=True)
         unix_server = await asyncio.start_unix_server(self._serve_peer, path=str(path))
         self._tcp_server = await asyncio.start_server(
-            self._serve_ingest, sock=self._tcp_sock, limit=READ_SIZE
+            self._serve_ingest, sock=self._tcp_sock, limit=READ_SIZE, backlog=LISTEN_BACKLOG
         )
         # The supervisor holds the other end of this pipe; EOF means it is gone.
         loop.add_reader(self._parent.fileno(), self._on_parent_message)
@@ -327,55 +335,75 @@ class ShardWorker:
         task = asyncio.current_task()
         assert task is not None
         self._ingest_tasks.add(task)
-        idle = self.settings.idle_timeout
-        session = None
         try:
-            data, piece = await self._read_piece_header(reader)
-            name, size = piece or ("", 0)
-            session = IngestSession(
-                self._router,
-                self._dispatcher,
-                self._newest_day,
-                self.settings.retention_days,
-                process=str(self.index),
-                piece=name,
-                piece_bytes=size,
-            )
-            closing: dict[str, object] = {}
+            try:
+                data, piece = await self._read_piece_header(reader)
+            except TimeoutError:
+                answer: dict[str, object] = msgspec.structs.asdict(IngestSummary())
+                answer["error"] = self._idle_message()
+            except PieceError as exc:
+                answer = {"error": str(exc)}
+            else:
+                name, size = piece or ("", 0)
+                # A piece waits, unread, until its whole size fits in this process's budget.
+                async with self._piece_budget.reserved(size):
+                    answer = await self._ingest_stream(reader, data, name, size)
+            writer.write(msgspec.json.encode(answer) + b"\n")
+            await writer.drain()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._ingest_tasks.discard(task)
+            writer.close()
+
+    def _idle_message(self) -> str:
+        return f"idle timeout: nothing received for {self.settings.idle_timeout:g}s"
+
+    async def _ingest_stream(
+        self, reader: asyncio.StreamReader, data: bytes, piece: str, piece_bytes: int
+    ) -> dict[str, object]:
+        """Feed a connection's bytes through a session; the answer: summary or error."""
+        session = IngestSession(
+            self._router,
+            self._dispatcher,
+            self._newest_day,
+            self.settings.retention_days,
+            process=str(self.index),
+            piece=piece,
+            piece_bytes=piece_bytes,
+        )
+        closing: dict[str, object] = {}
+        try:
             while True:
                 if data:
                     await session.feed(data)
                 try:
-                    data = await asyncio.wait_for(reader.read(READ_SIZE), idle)
+                    data = await asyncio.wait_for(
+                        reader.read(READ_SIZE), self.settings.idle_timeout
+                    )
                 except TimeoutError:
-                    closing = {"error": f"idle timeout: nothing received for {idle:g}s"}
                     if piece:  # a piece is applied whole or not at all
-                        raise
-                    break  # like an end of stream: what was sent is applied and summarised
+                        raise PieceError(
+                            self._idle_message() + "; none of the piece applied"
+                        ) from None
+                    # Like an end of stream: what was sent is applied and summarised.
+                    closing = {"error": self._idle_message()}
+                    break
                 if not data:
                     break
             summary = await session.finish()
-            answer = msgspec.structs.asdict(summary) | closing
-            if piece:
-                answer["already_loaded"] = session.duplicates
-            writer.write(msgspec.json.encode(answer) + b"\n")
-            await writer.drain()
-        except (PieceError, TimeoutError) as exc:
-            if session is not None:
-                await session.abort()
-            message = str(exc) or f"idle timeout: nothing received for {idle:g}s"
-            writer.write(msgspec.json.encode({"error": message}) + b"\n")
-        except ShardUnavailable as exc:
-            log.error("ingest connection failed: %s", exc)
-            if session is not None:
-                await session.abort()
-            writer.write(msgspec.json.encode({"error": str(exc)}) + b"\n")
-        except (ConnectionError, asyncio.CancelledError):
-            if session is not None:
-                await session.abort()
-        finally:
-            self._ingest_tasks.discard(task)
-            writer.close()
+        except (PieceError, ShardUnavailable) as exc:
+            if isinstance(exc, ShardUnavailable):
+                log.error("ingest connection failed: %s", exc)
+            await session.abort()
+            return {"error": str(exc)}
+        except BaseException:  # the connection failed, or the server is stopping
+            await session.abort()
+            raise
+        answer = msgspec.structs.asdict(summary) | closing
+        if piece:
+            answer["already_loaded"] = session.duplicates
+        return answer
 
     async def _read_piece_header(
         self, reader: asyncio.StreamReader
@@ -401,6 +429,8 @@ class ShardWorker:
             or not size.isdigit()
         ):
             raise PieceError(f"invalid load piece header {line[:64]!r}")
+        if int(size) > MAX_PIECE_BYTES:
+            raise PieceError(f"a load piece may hold at most {MAX_PIECE_BYTES} bytes")
         return rest, (name.decode(), int(size))
 
     # -- requests from the front, other shards and the supervisor ----------------------------

@@ -29,7 +29,7 @@ import msgspec
 
 from persistence.snapshot import SnapshotDB
 from statsd_server import front, metrics, newest_day, shard, shard_counts
-from statsd_server.config import Settings
+from statsd_server.config import LISTEN_BACKLOG, Settings
 from statsd_server.errors import ConfigError, StatsServerError
 from statsd_server.loader import load_files
 from statsd_server.messages import Drain, ErrorReply, Shutdown
@@ -55,7 +55,7 @@ def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise StatsServerError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(1024)
+    sock.listen(LISTEN_BACKLOG)
     sock.set_inheritable(True)
     return sock
 

@@ -591,13 +591,6 @@ LISTEN_BACKLOG = 1024  # what the supervisor asks for in listen()
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="shard.py's asyncio.start_server(sock=...) and front.py's web.SockSite listen() again "
-    "with their default backlogs (100 and 128), shrinking the supervisor's listen(1024): a burst "
-    "of more than ~100 connections per shard overflows the accept queue, and the dropped SYNs "
-    "wait 1 s or more to be retried",
-)
 def test_connection_bursts_queue_up_to_the_listen_backlog(server_factory: Any) -> None:
     """While the processes are busy, the kernel queues a burst of connections instead of dropping them."""
     somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())

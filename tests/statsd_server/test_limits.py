@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -118,3 +119,46 @@ def test_idle_post_body_gets_408(server_factory: Any) -> None:
         response = sock.recv(65536).decode()
     assert response.startswith("HTTP/1.1 408"), response
     assert '"error":"idle timeout: no body data for 1s"' in response
+
+
+def server_rss_mb(server: Server) -> float:
+    """Resident memory of the supervisor and its children."""
+    assert server.proc is not None
+    pid = server.proc.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    total_kb = 0
+    for p in [pid, *map(int, children)]:
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total_kb += int(line.split()[1])
+    return total_kb / 1024
+
+
+@pytest.mark.slow
+def test_a_fast_client_flooding_for_seconds_keeps_memory_bounded(server_factory: Any) -> None:
+    """Two connections sending as fast as they can for 8 s: the server reads only as fast as
+    it applies (TCP pushes back), its memory levels off, and every line is counted."""
+    server: Server = server_factory(shards=2)
+    block = b"".join(lines_for(f"flood_{k}", 5_000, start=k) for k in range(40))
+    sent = [0, 0]
+
+    def flood(i: int) -> None:
+        with socket.create_connection(("127.0.0.1", server.tcp_port), timeout=120) as sock:
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline:
+                sock.sendall(block)
+                sent[i] += 1
+            sock.shutdown(socket.SHUT_WR)
+            assert json.loads(read_reply(sock))["accepted"] == sent[i] * 200_000
+
+    threads = [threading.Thread(target=flood, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    early = server_rss_mb(server)
+    for t in threads:
+        t.join(120)
+    late = server_rss_mb(server)
+    assert late - early < 200, f"RSS grew from {early:.0f} to {late:.0f} MB"
+    counted = totals(server, [f"flood_{k}" for k in range(40)])
+    assert sum(counted.values()) == sum(sent) * 200_000

@@ -18,6 +18,7 @@ from pathlib import Path
 import msgspec
 import uvloop
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from statsd_server import logs, metrics
 from statsd_server.config import LISTEN_BACKLOG, Settings
@@ -293,6 +294,16 @@ def create_app(settings: Settings, runtime_dir: Path, slot: int | None = None) -
     return app
 
 
+def _quiet_client_protocol_errors(record: logging.LogRecord) -> bool:
+    """aiohttp logs every malformed request (huge headers, bad request lines) at ERROR with a
+    traceback, so one hostile client could flood the log. They are the client's errors, and
+    it gets its 4xx: logged at debug only."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError) and 400 <= (exc.code or 0) < 500:
+        return logging.getLogger("aiohttp.server").isEnabledFor(logging.DEBUG)
+    return True
+
+
 def run(
     settings: Settings,
     http_sock: socket.socket,
@@ -307,6 +318,7 @@ def run(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logs.configure(settings.log_level, "front", settings.log_format)
+    logging.getLogger("aiohttp.server").addFilter(_quiet_client_protocol_errors)
     uvloop.run(_serve(settings, http_sock, runtime_dir, parent))
 
 

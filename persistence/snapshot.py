@@ -111,6 +111,7 @@ class SnapshotDB:
         cutoff_day: int,
         newest_day: int,
         pieces: list[PieceRow] | None = None,
+        keep_pieces_seconds: float = KEEP_SECONDS,
     ) -> None:
         """Upsert changed rows and newly applied load pieces, drop days older than the
         cutoff (and pieces older than KEEP_SECONDS), in one transaction."""
@@ -136,7 +137,7 @@ class SnapshotDB:
                 )
                 conn.execute(
                     "DELETE FROM loaded_pieces WHERE created < ?",
-                    [pieces[-1].created - KEEP_SECONDS],
+                    [pieces[-1].created - keep_pieces_seconds],
                 )
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('newest_day', ?)"

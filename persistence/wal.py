@@ -18,6 +18,7 @@ and the payload. A torn or corrupt record ends the replay of its segment with a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -98,9 +99,12 @@ class WriteAheadLog:
         shard: int,
         shards: int,
         on_fsync: Callable[[float], None] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         self.directory = directory
         self._on_fsync = on_fsync
+        self._on_failure = on_failure
+        self._durable_size: dict[int, int] = {}  # fd -> bytes known on disk (WAL thread)
         self._shard = shard
         self._shards = shards
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"wal-{shard}")
@@ -158,16 +162,18 @@ class WriteAheadLog:
             self._finished(job)
 
     def _start_sync(self, fd: int, close: bool) -> _SyncJob:
-        future = asyncio.get_running_loop().run_in_executor(
-            self._executor, _sync, fd, close, self._on_fsync
-        )
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._sync, fd, close)
         job = self._syncing = _SyncJob(future, self.last_lsn)
 
         def done(f: asyncio.Future[None]) -> None:
             if not f.cancelled() and f.exception() is None:
                 self._finished(job)
-            elif self._syncing is job:
-                self._syncing = None  # failed: the next waiter starts another
+                return
+            if self._syncing is job:
+                self._syncing = None
+            exc = f.exception() if not f.cancelled() else None
+            if exc is not None and self._on_failure is not None:
+                self._on_failure(exc)
 
         future.add_done_callback(done)
         return job
@@ -201,22 +207,32 @@ class WriteAheadLog:
         """Delete every segment of this layout (offline recovery, after its snapshot)."""
         self._discard(self._seq + 1)
 
+    def _sync(self, fd: int, close: bool) -> None:
+        """fdatasync (in the WAL thread). On failure, cut the file back to what an earlier
+        fsync made durable: records past it were never acknowledged, and must not come back
+        at replay if the kernel still holds them."""
+        try:
+            size = os.fstat(fd).st_size
+            started = time.perf_counter()
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, self._durable_size.get(fd, 0))
+                raise
+            self._durable_size[fd] = size
+            if self._on_fsync is not None:
+                self._on_fsync(time.perf_counter() - started)
+        finally:
+            if close:
+                self._durable_size.pop(fd, None)
+                os.close(fd)
+
     def close(self) -> None:
         if self._fd >= 0:
-            self._executor.submit(_sync, self._fd, True, self._on_fsync).result()
+            self._executor.submit(self._sync, self._fd, True).result()
             self._fd = -1
         self._executor.shutdown()
-
-
-def _sync(fd: int, close: bool, on_fsync: Callable[[float], None] | None) -> None:
-    try:
-        started = time.perf_counter()
-        os.fdatasync(fd)
-        if on_fsync is not None:
-            on_fsync(time.perf_counter() - started)
-    finally:
-        if close:
-            os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -49,6 +49,7 @@ ROUTER = web.AppKey("router", Router)
 NEWEST_DAY = web.AppKey("newest_day", NewestDay)
 INGESTS = web.AppKey("ingests", set[asyncio.Task[object]])
 IDEMPOTENCY = web.AppKey("idempotency", IdempotencyKeys)
+QUERY_LATENCY = web.AppKey("query_latency", metrics.QueryLatency)
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -208,13 +209,15 @@ async def _ingest(request: web.Request, key: str | None) -> web.Response:
 async def timed_stats(request: web.Request) -> web.Response:
     started = time.perf_counter()
     response = await stats(request)
-    metrics.QUERY_SECONDS.labels(str(response.status)).observe(time.perf_counter() - started)
+    request.app[QUERY_LATENCY].observe(response.status, time.perf_counter() - started)
     return response
 
 
 async def metrics_page(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format, every process's samples merged."""
-    body, content_type = await asyncio.get_running_loop().run_in_executor(None, metrics.exposition)
+    body, content_type = await asyncio.get_running_loop().run_in_executor(
+        None, metrics.exposition, request.app[QUERY_LATENCY].snapshot()
+    )
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
     return response
@@ -261,6 +264,7 @@ def create_app(settings: Settings, runtime_dir: Path, slot: int | None = None) -
     app[SETTINGS] = settings
     app[ROUTER] = Router(settings.shards)
     app[INGESTS] = set()
+    app[QUERY_LATENCY] = metrics.QueryLatency()
     app[NEWEST_DAY] = NewestDay(
         runtime_dir / "newest_day", settings.shards if slot is None else slot
     )

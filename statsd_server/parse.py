@@ -76,6 +76,16 @@ class Batch(NamedTuple):
     status: np.ndarray  # int16
     duration: np.ndarray  # float64
 
+    def where(self, keep: np.ndarray) -> Batch:
+        """The requests selected by a boolean mask (the customer list is kept as it is)."""
+        return Batch(
+            self.customers,
+            self.customer[keep],
+            self.day[keep],
+            self.status[keep],
+            self.duration[keep],
+        )
+
 
 def concat_batches(batches: list[Batch]) -> Batch:
     """One batch holding the requests of several, their customer lists merged."""

@@ -81,10 +81,7 @@ class LoadedPieces:
         if not layouts:
             return batch, 0
         if (self._shards, self._shard) in layouts:
-            empty = batch.day[:0]
-            return Batch(
-                batch.customers, batch.customer[:0], empty, batch.status[:0], batch.duration[:0]
-            ), len(batch.day)
+            return batch.where(np.zeros(len(batch.day), dtype=bool)), len(batch.day)
         keys = np.array([customer_key(c) for c in batch.customers], dtype=np.int64)
         held = np.zeros(len(batch.customers), dtype=bool)
         for shards, shard in layouts:
@@ -92,15 +89,7 @@ class LoadedPieces:
         drop = held[batch.customer]
         if not drop.any():
             return batch, 0
-        keep = ~drop
-        kept = Batch(
-            batch.customers,
-            batch.customer[keep],
-            batch.day[keep],
-            batch.status[keep],
-            batch.duration[keep],
-        )
-        return kept, int(drop.sum())
+        return batch.where(~drop), int(drop.sum())
 
     def mark(self, piece: str) -> None:
         layouts = self._held.setdefault(piece, set())

@@ -49,6 +49,7 @@ from statsd_server.messages import (
 from statsd_server.newest_day import NO_DAY, NewestDay
 from statsd_server.parse import Batch
 from statsd_server.pieces import (
+    KEEP_SECONDS,
     MAX_NAME_BYTES,
     MAX_PIECE_BYTES,
     PIECE_HEADER,
@@ -160,6 +161,7 @@ class ShardWorker:
                 self.index,
                 self.settings.shards,
                 on_fsync=metrics.WAL_FSYNC.labels(str(self.index)).observe,
+                on_failure=self._wal_failed,
             )
             replayed = await loop.run_in_executor(
                 self._executor, replay_wal, self.store, self._pieces, self._wal, self._codec
@@ -260,7 +262,11 @@ class ShardWorker:
             await self._snapshot()
         except Exception:
             self.exit_code = 1
-            log.exception("final snapshot failed; changes since the last snapshot are lost")
+            log.exception(
+                "final snapshot failed; the next start replays the write-ahead log"
+                if self._wal is not None
+                else "final snapshot failed; changes since the last snapshot are lost"
+            )
             raise
         log.info("final snapshot written")
 
@@ -288,12 +294,12 @@ class ShardWorker:
             keys = self.store.take_dirty()
             pieces = self._pieces.take_unsaved()
             rows = []
-            # Serializing tens of thousands of days takes a while: let queries in between.
-            for start in range(0, len(keys), SNAPSHOT_SLICE):
-                rows += self.store.rows(keys[start : start + SNAPSHOT_SLICE])
-                await asyncio.sleep(0)
             assert self._db is not None
             try:
+                # Serializing tens of thousands of days takes a while: let queries in between.
+                for start in range(0, len(keys), SNAPSHOT_SLICE):
+                    rows += self.store.rows(keys[start : start + SNAPSHOT_SLICE])
+                    await asyncio.sleep(0)
                 await asyncio.get_running_loop().run_in_executor(
                     self._executor,
                     self._db.write,
@@ -301,9 +307,10 @@ class ShardWorker:
                     self.store.cutoff_day,
                     self.store.newest_day,
                     pieces,
+                    max(KEEP_SECONDS, (self.settings.retention_days + 10) * 86400),
                 )
             except BaseException:
-                self.store.mark_dirty(rows)
+                self.store.mark_dirty(keys)
                 self._pieces.unsaved_again(pieces)
                 raise
             if self._wal is not None:
@@ -392,8 +399,11 @@ class ShardWorker:
                 if not data:
                     break
             summary = await session.finish()
-        except (PieceError, ShardUnavailable) as exc:
-            if isinstance(exc, ShardUnavailable):
+        except ConnectionError:  # the client went away
+            await session.abort()
+            raise
+        except (PieceError, ShardUnavailable, OSError) as exc:
+            if not isinstance(exc, PieceError):  # a shard down, or this one's disk failing
                 log.error("ingest connection failed: %s", exc)
             await session.abort()
             return {"error": str(exc)}
@@ -444,48 +454,68 @@ class ShardWorker:
         finally:
             self._peers.discard(writer)
 
-    def _admit(self, batch: Batch) -> tuple[Batch, int]:
-        """Apply STATS_MAX_CUSTOMERS: the batch without new customers beyond it."""
-        cap = self.settings.max_customers
-        if not cap or not self.store.has_new_customers(batch):
-            return batch, 0
-        # Under the lock, so two shards cannot both take the last room.
-        with self._counts.locked():
-            room = cap - self._counts.others() - self.store.customers_held
-            batch, refused = self.store.admit(batch, room)
-            self._counts.publish(self.store.customers_held)
-        return batch, refused
-
     async def _accept(
         self, batch: Batch, message: ApplyBatch | None = None, piece: str = ""
     ) -> Applied:
-        """Take a batch this shard owns; acknowledged once its log record is on disk."""
+        """Take a batch this shard owns; acknowledged once its log record is on disk.
+
+        The log append comes before any change in memory: if it fails (disk full), the
+        batch is refused with nothing to undo. A failed fsync stops the shard (see
+        _wal_failed).
+        """
+        cap = self.settings.max_customers
+        if cap and self.store.has_new_customers(batch):
+            # After a start, wait for every shard's restored count, or the cap could be
+            # overshot by a shard that is quicker to start.
+            await self._counts.wait_published()
+            with self._counts.locked():  # released before the fsync wait
+                room = cap - self._counts.others() - self.store.customers_held
+                applied, lsn = self._take(batch, message, piece, room)
+        else:
+            applied, lsn = self._take(batch, message, piece, None)
+        if lsn:
+            assert self._wal is not None
+            await self._wal.durable(lsn)
+        return applied
+
+    def _take(
+        self, batch: Batch, message: ApplyBatch | None, piece: str, room: int | None
+    ) -> tuple[Applied, int]:
+        """Log the batch (LSN 0 without a log), then count it in: the reply and the LSN."""
         newest = self._newest_day.get()
-        duplicate = 0
+        duplicate = refused = 0
+        admitted: list[str] = []
         if piece:
             batch, duplicate = self._pieces.drop_held(piece, batch)
-        batch, refused = self._admit(batch)
-        self._m_accepted.inc(len(batch.day))
-        self._m_batches.inc()
-        if refused or duplicate:
-            message = None
+        if room is not None:
+            batch, refused, admitted = self.store.plan_admission(batch, room)
+        lsn = 0
+        if self._wal is not None and (len(batch.day) or piece):
+            if refused or duplicate or message is None:
+                message = ApplyBatch.from_batch(batch, piece)
+            lsn = self._wal.append(self._codec.wal_record(message, newest))
+        # From here on nothing fails: the batch is this shard's.
+        if admitted:
+            self.store.admitted(admitted)
+            self._counts.publish(self.store.customers_held)
         if piece:
             self._pieces.mark(piece)
-        if self._wal is None or not (len(batch.day) or piece):
-            return Applied(self.store.enqueue(batch, newest).stored, refused, duplicate)
-        record = self._codec.wal_record(message or ApplyBatch.from_batch(batch, piece), newest)
-        lsn = self._wal.append(record)
         self.store.enqueue(batch, newest, lsn)
-        await self._wal.durable(lsn)
-        return Applied(len(batch.day), refused, duplicate)
+        self._m_accepted.inc(len(batch.day))
+        self._m_batches.inc()
+        return Applied(len(batch.day), refused, duplicate), lsn
+
+    def _wal_failed(self, exc: BaseException) -> None:
+        """An fsync failed: what the kernel kept of the log is unknown (and a later fsync
+        could succeed without it), so batches waiting on it can never be acknowledged. Stop
+        at once, like a crash: the supervisor restarts the shard from its snapshot and log,
+        whose tail past the last good fsync was cut off."""
+        log.critical("write-ahead log fsync failed (%s); stopping this shard", exc)
+        logging.shutdown()
+        os._exit(70)
 
     def _handle_now(self, body: Body) -> Body | None:
         """Requests answered at once; None for those that must wait (batches, drain...)."""
-        if isinstance(body, ApplyBatch) and self._wal is None and not body.piece:
-            batch, refused = self._admit(Batch(body.customers, *body.columns()))
-            self._m_accepted.inc(len(batch.day))
-            self._m_batches.inc()
-            return Applied(self.store.enqueue(batch, self._newest_day.get()).stored, refused)
         if isinstance(body, StatsQuery):
             self.store.advance(self._newest_day.get())
             self._counts.publish(self.store.customers_held)

@@ -7,6 +7,7 @@ two shards cannot both take the last room; the kernel releases the lock if a sha
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import mmap
@@ -15,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+UNKNOWN = -1  # a shard that has not restored its data yet
+
 
 def create(path: Path, slots: int) -> None:
-    np.zeros(slots, dtype=np.int64).tofile(path)
+    np.full(slots, UNKNOWN, dtype=np.int64).tofile(path)
 
 
 class ShardCounts:
@@ -38,12 +41,19 @@ class ShardCounts:
         finally:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
 
+    async def wait_published(self) -> None:
+        """Until every shard has published its count (after its restore, at start)."""
+        while (self._slots == UNKNOWN).any():
+            await asyncio.sleep(0.05)
+
     def others(self) -> int:
         """Customers held by the other shards."""
         return int(self._slots.sum() - self._slots[self._slot])
 
-    def total(self) -> int:
-        return int(self._slots.sum())
-
     def publish(self, customers: int) -> None:
         self._slots[self._slot] = customers
+
+    def close(self) -> None:
+        del self._slots
+        self._map.close()
+        self._file.close()

@@ -95,28 +95,27 @@ class ShardStore:
         held, queued = self.customers, self._queued_new
         return any(c not in held and c not in queued for c in batch.customers)
 
-    def admit(self, batch: Batch, room: int) -> tuple[Batch, int]:
-        """The batch without the requests of new customers beyond `room` more; and how many
-        requests were refused."""
+    def plan_admission(self, batch: Batch, room: int) -> tuple[Batch, int, list[str]]:
+        """The batch without the requests of new customers beyond `room` more, how many
+        requests that refused, and the new customers it admits (see admitted()). Changes
+        nothing, so a caller whose write-ahead log append fails has nothing to undo."""
         held = self.customers
         queued = self._queued_new
         used = np.unique(batch.customer).tolist()
         new = [
             i for i in used if batch.customers[i] not in held and batch.customers[i] not in queued
         ]
-        queued.update(batch.customers[i] for i in new[: max(room, 0)])
+        admitted = [batch.customers[i] for i in new[: max(room, 0)]]
         refused = new[max(room, 0) :]
         if not refused:
-            return batch, 0
-        keep = ~np.isin(batch.customer, refused)
-        kept = Batch(
-            batch.customers,
-            batch.customer[keep],
-            batch.day[keep],
-            batch.status[keep],
-            batch.duration[keep],
-        )
-        return kept, len(batch.day) - len(kept.day)
+            return batch, 0, admitted
+        kept = batch.where(~np.isin(batch.customer, refused))
+        return kept, len(batch.day) - len(kept.day), admitted
+
+    def admitted(self, customers: list[str]) -> None:
+        """Count customers admitted by plan_admission() as held, before their batch is
+        applied."""
+        self._queued_new.update(customers)
 
     def enqueue(self, batch: Batch, newest_day: int, lsn: int = 0) -> Applied:
         """Take a batch; it is folded in with others, before anything reads the aggregates.
@@ -289,12 +288,12 @@ class ShardStore:
                 rows.append(SnapshotRow.from_aggregate(customer_id, d, agg))
         return rows
 
-    def mark_dirty(self, rows: list[SnapshotRow]) -> None:
-        """Mark rows as changed again after a snapshot that failed to write them."""
-        for row in rows:
-            days = self.customers.get(row.customer_id)
-            if days is not None and row.day in days:
-                self._dirty.add((row.customer_id, row.day))
+    def mark_dirty(self, keys: list[tuple[str, int]]) -> None:
+        """Mark customer-days as changed again after a snapshot that failed to write them."""
+        for customer_id, day in keys:
+            days = self.customers.get(customer_id)
+            if days is not None and day in days:
+                self._dirty.add((customer_id, day))
 
     def restore(self, rows: list[SnapshotRow], newest_day: int) -> int:
         """Load snapshot rows, keeping only days within retention; the newest LSN they hold."""

@@ -143,3 +143,37 @@ def test_many_concurrent_waiters_and_rotations_all_complete(tmp_path: Path) -> N
     finally:
         faulthandler.cancel_dump_traceback_later()
     assert [p for _, p in WriteAheadLog(tmp_path, 0, 1).replay()] == [b"%d" % i for i in range(600)]
+
+
+def test_a_failed_fsync_is_reported_and_cuts_the_unsynced_tail(tmp_path: Path) -> None:
+    """When fdatasync fails, waiters get the error, the failure callback is told, and the
+    file is cut back to what the last good fsync covered (never acknowledged past it)."""
+    import os
+
+    failures: list[BaseException] = []
+
+    async def run() -> None:
+        wal = WriteAheadLog(tmp_path, 0, 1, on_failure=failures.append)
+        wal.open(0)
+        await wal.durable(wal.append(b"kept"))
+        ((_, path),) = segments(tmp_path, 0, 1)
+        good_size = path.stat().st_size
+        lsn = wal.append(b"never acknowledged")
+        real = os.fdatasync
+
+        def failing(fd: int) -> None:
+            raise OSError(5, "Input/output error")
+
+        os.fdatasync = failing  # type: ignore[assignment]
+        try:
+            with pytest.raises(OSError, match="Input/output"):
+                await wal.durable(lsn)
+        finally:
+            os.fdatasync = real
+        await asyncio.sleep(0)  # the done callback
+        assert path.stat().st_size == good_size
+        wal.close()
+
+    asyncio.run(run())
+    assert len(failures) == 1 and isinstance(failures[0], OSError)
+    assert [p for _, p in WriteAheadLog(tmp_path, 0, 1).replay()] == [b"kept"]

@@ -162,3 +162,31 @@ def test_a_fast_client_flooding_for_seconds_keeps_memory_bounded(server_factory:
     assert late - early < 200, f"RSS grew from {early:.0f} to {late:.0f} MB"
     counted = totals(server, [f"flood_{k}" for k in range(40)])
     assert sum(counted.values()) == sum(sent) * 200_000
+
+
+def test_admission_waits_until_every_shard_published_its_count(tmp_path: Path) -> None:
+    """After a start, a shard does not admit new customers before the slower shards have
+    restored theirs: otherwise the cap could be overshot."""
+    import asyncio
+
+    from statsd_server import shard_counts
+    from statsd_server.shard_counts import ShardCounts
+
+    path = tmp_path / "counts"
+    shard_counts.create(path, 2)
+    fast, slow = ShardCounts(path, 0), ShardCounts(path, 1)
+
+    async def run() -> tuple[bool, int]:
+        fast.publish(3)
+        waiter = asyncio.create_task(fast.wait_published())
+        await asyncio.sleep(0.2)
+        blocked = not waiter.done()
+        slow.publish(4)
+        await asyncio.wait_for(waiter, 5)
+        return blocked, fast.others()
+
+    try:
+        assert asyncio.run(run()) == (True, 4)
+    finally:
+        fast.close()
+        slow.close()

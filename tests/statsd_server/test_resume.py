@@ -114,8 +114,11 @@ def test_server_crash_mid_load_then_rerun_counts_each_line_once(
     load: exactly one full load is counted (pieces are logged with their requests)."""
     path, expected = log_file
     server: Server = server_factory(shards=2, STATS_SNAPSHOT_INTERVAL="0.2")
-    first = load(server, path, "--connections", "2")
-    time.sleep(0.6)
+    first = load(server, path, "--connections", "1")
+    # Crash as soon as the first pieces are in (and snapshots have started to cover them).
+    while not sum(counts_of(server, list(expected)[:5]).values()):
+        time.sleep(0.02)
+    time.sleep(0.25)
     assert server.proc is not None
     os.killpg(server.proc.pid, signal.SIGKILL)
     server.proc.wait()
@@ -168,3 +171,26 @@ def test_a_piece_cut_short_or_too_long_is_not_applied(server_factory: Any) -> No
     assert whole["accepted"] == 100 and whole["already_loaded"] == 0
     assert send(len(body), body)["already_loaded"] == 100
     assert totals(server, ["pc"]) == {"pc": 100}
+
+
+@pytest.mark.slow
+def test_a_piece_whose_log_write_fails_is_not_marked_loaded(server_factory: Any) -> None:
+    """Disk full while logging a piece: the client gets an error, nothing is counted, and
+    sending the piece again later applies it (it was not marked as loaded)."""
+    import resource
+
+    from tests.statsd_server.test_durability import lines_for, totals
+    from tests.statsd_server.test_processes import shard_pids
+
+    server: Server = server_factory(shards=1)
+    body = lines_for("full", 300)
+    piece = f"#load-piece disk:0 {len(body)}\n".encode() + body
+    (pid,) = shard_pids(server).values()
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (1000, resource.RLIM_INFINITY))
+    failed = server.send_tcp(piece)
+    assert "write-ahead log: wrote 1000 of" in failed["error"]
+    assert totals(server, ["full"]) == {"full": 0}
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    again = server.send_tcp(piece)
+    assert again["accepted"] == 300 and again["already_loaded"] == 0
+    assert totals(server, ["full"]) == {"full": 300}

@@ -72,9 +72,9 @@ RESTARTS = Counter(
 class QueryLatency(Collector):
     """The front's stats-query latency histogram, by status, in plain process memory.
 
-    A multi-process sample is a locked mmap write: observing one per query cost the front
-    about 30% of its queries per second. The front answers /metrics itself, so it exposes
-    this collector directly.
+    A multi-process sample is a locked mmap write: 2.9 us per observation against 0.2 us
+    here (measured on the development VM), on a path of about 70 us per query. The front
+    answers /metrics itself, so it exposes this collector directly.
     """
 
     def __init__(self) -> None:

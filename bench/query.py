@@ -124,10 +124,40 @@ def main() -> None:
         print(f"stats, first run (cold caches): {text}")
         text, ours = measure(server.http_port, args, days)
         print(f"stats, second run:              {text}")
+        size = mean_body_bytes(server.http_port, args.customers, days)
     finally:
         server.stop()
+    text, theirs = minimal(args, days)
+    print(f"minimal aiohttp endpoint:       {text}")
+    print(f"stats / minimal: {ours / theirs:.2f}")
+    # The stats answers are bigger than the constant one (a day's figures each): the same
+    # endpoint with a body of their mean size tells how much of the gap is bytes to write.
+    text, same_size = minimal(args, days, size)
+    print(f"minimal endpoint, {size:,}-byte body: {text}")
+    print(f"stats / minimal with the same body size: {ours / same_size:.2f}")
+
+
+def mean_body_bytes(port: int, customers: int, days: list[str], samples: int = 200) -> int:
+    """The mean size of stats answers for the random requests the runs send."""
+    rng = random.Random(1)
+    total = 0
+    for _ in range(samples):
+        url = (
+            f"http://127.0.0.1:{port}/customers/cust_{rng.randint(1, customers)}"
+            f"/stats?from={rng.choice(days)}"
+        )
+        with urllib.request.urlopen(url) as resp:
+            total += len(resp.read())
+    return total // samples
+
+
+def minimal(
+    args: argparse.Namespace, days: list[str], size: int | None = None
+) -> tuple[str, float]:
+    """The baseline endpoint's run (a constant body of `size` bytes, or a small one)."""
     port = free_port()
-    baseline = subprocess.Popen([sys.executable, str(HERE / "minimal_app.py"), str(port)])
+    extra = [str(size)] if size is not None else []
+    baseline = subprocess.Popen([sys.executable, str(HERE / "minimal_app.py"), str(port), *extra])
     try:
         for _ in range(100):
             try:
@@ -135,9 +165,7 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.1)
-        text, theirs = measure(port, args, days)
-        print(f"minimal aiohttp endpoint:       {text}")
-        print(f"stats / minimal: {ours / theirs:.2f}")
+        return measure(port, args, days)
     finally:
         baseline.terminate()
         baseline.wait()

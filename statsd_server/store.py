@@ -138,7 +138,7 @@ class ShardStore:
             return
         queue, newest, lsn = self._queue, self._queued_newest, self._queued_lsn
         self._queue, self._queued_lines, self._queued_newest = [], 0, NO_DAY
-        self._queued_new = set()
+        self._queued_lsn, self._queued_new = 0, set()
         self.apply(concat_batches(queue), newest, lsn)
 
     def apply(self, batch: Batch, newest_day: int, lsn: int = 0) -> None:

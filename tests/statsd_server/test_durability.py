@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Server
-from tests.statsd_server.test_processes import shard_pids
+from tests.statsd_server.test_processes import kill_shard_and_wait_for_restart
 
 TODAY = dt.datetime.now(dt.UTC).date()
 DAY = TODAY - dt.timedelta(days=1)
@@ -31,11 +31,11 @@ def lines_for(customer: str, n: int, start: int = 0) -> bytes:
     return "".join(out).encode()
 
 
-def totals(server: Server, customers: list[str]) -> dict[str, int]:
-    """Requests counted per customer (0 for unknown ones)."""
+def totals(server: Server, customers: list[str], since: dt.date = DAY) -> dict[str, int]:
+    """Requests counted per customer from `since` on (0 for unknown ones)."""
     counts = {}
     for customer in customers:
-        status, body = server.get(f"/customers/{customer}/stats?from={DAY.isoformat()}")
+        status, body = server.get(f"/customers/{customer}/stats?from={since.isoformat()}")
         assert status in (200, 404), body
         counts[customer] = body["summary"]["total_requests"] if status == 200 else 0
     return counts
@@ -212,15 +212,7 @@ def test_killed_shard_replays_its_log(server_factory: Any) -> None:
     customers = [f"k{k}" for k in range(10)]
     for k, customer in enumerate(customers):
         server.send_tcp(lines_for(customer, 300 + k))
-    old = shard_pids(server)[0]
-    os.kill(old, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if shard_pids(server).get(0) not in (None, old) and server.get("/ready")[0] == 200:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail(f"shard 0 not restarted:\n{server.log()}")
+    kill_shard_and_wait_for_restart(server, 0)
     assert totals(server, customers) == {c: 300 + k for k, c in enumerate(customers)}
 
 

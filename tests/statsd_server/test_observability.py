@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 import urllib.request
 from typing import Any
@@ -14,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Server
 from tests.statsd_server.test_durability import DAY, lines_for
-from tests.statsd_server.test_processes import shard_pids
+from tests.statsd_server.test_processes import kill_shard_and_wait_for_restart
 
 
 def scrape(server: Server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -75,12 +73,7 @@ def test_metrics_count_what_happened(server_factory: Any) -> None:
     assert total(samples, "statsd_customers") == 7
     assert total(samples, "statsd_customer_days") == 7
 
-    old = shard_pids(server)[1]
-    os.kill(old, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while not (shard_pids(server).get(1) not in (None, old) and server.get("/ready")[0] == 200):
-        assert time.monotonic() < deadline, server.log()
-        time.sleep(0.1)
+    kill_shard_and_wait_for_restart(server, 1)
     time.sleep(1.0)
     samples = scrape(server)
     assert total(samples, "statsd_process_restarts_total", process="shard-1") == 1

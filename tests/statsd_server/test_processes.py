@@ -104,6 +104,18 @@ def shard_pids(server: Server) -> dict[int, int]:
     return pids
 
 
+def kill_shard_and_wait_for_restart(server: Server, shard: int) -> None:
+    """SIGKILL one shard process; return once the supervisor restarted it and /ready is 200."""
+    old = shard_pids(server)[shard]
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if shard_pids(server).get(shard) not in (None, old) and server.get("/ready")[0] == 200:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"shard {shard} not restarted:\n{server.log()}")
+
+
 def owned_customers(shards: int) -> dict[int, str]:
     """One customer id per shard."""
     found: dict[int, str] = {}
@@ -147,16 +159,7 @@ def test_killed_shard_is_restarted_from_its_snapshot(server_factory: Any) -> Non
     lines = "".join(f"{day} 12:00:00 {c} /a 503 0.25\n" for c in owners.values() for _ in range(3))
     assert server.send_tcp(lines.encode())["accepted"] == 6
     time.sleep(1.0)  # several snapshot intervals
-    old = shard_pids(server)[0]
-    os.kill(old, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        pid = shard_pids(server).get(0)
-        if pid != old and server.get("/ready")[0] == 200:
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail(f"shard 0 not restarted:\n{server.log()}")
+    kill_shard_and_wait_for_restart(server, 0)
     assert "shard-0 died" in server.log()
     status, body = server.get(f"/customers/{owners[0]}/stats?from={day}")
     assert status == 200

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,9 +15,10 @@ import pytest
 
 from statsd_server.loader import PIECE_BYTES, split_at_lines
 from tests.conftest import ROOT, Server
+from tests.statsd_server.test_durability import kill_everything, lines_for, totals
 
 TODAY = dt.datetime.now(dt.UTC).date()
-FIRST = (TODAY - dt.timedelta(days=3)).isoformat()
+FIRST = TODAY - dt.timedelta(days=3)
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +50,7 @@ def load(server: Server, path: Path, *extra: str) -> subprocess.Popen[str]:
 
 
 def counts_of(server: Server, customers: list[str]) -> dict[str, int]:
-    found = {}
-    for customer in customers:
-        status, body = server.get(f"/customers/{customer}/stats?from={FIRST}")
-        found[customer] = body["summary"]["total_requests"] if status == 200 else 0
-    return found
+    return totals(server, customers, since=FIRST)
 
 
 @pytest.mark.slow
@@ -119,9 +114,7 @@ def test_server_crash_mid_load_then_rerun_counts_each_line_once(
     while not sum(counts_of(server, list(expected)[:5]).values()):
         time.sleep(0.02)
     time.sleep(0.25)
-    assert server.proc is not None
-    os.killpg(server.proc.pid, signal.SIGKILL)
-    server.proc.wait()
+    kill_everything(server)
     first.communicate(timeout=60)
     assert first.returncode != 0, "the load should have been cut off by the crash"
 
@@ -153,7 +146,6 @@ def test_pieces_depend_on_the_file_only(tmp_path: Path) -> None:
 def test_a_piece_cut_short_or_too_long_is_not_applied(server_factory: Any) -> None:
     """A piece must arrive exactly as announced; otherwise none of it counts, and the same
     name can still be sent whole later."""
-    from tests.statsd_server.test_durability import lines_for, totals
 
     server: Server = server_factory(shards=2)
     body = lines_for("pc", 100)
@@ -179,7 +171,6 @@ def test_a_piece_whose_log_write_fails_is_not_marked_loaded(server_factory: Any)
     sending the piece again later applies it (it was not marked as loaded)."""
     import resource
 
-    from tests.statsd_server.test_durability import lines_for, totals
     from tests.statsd_server.test_processes import shard_pids
 
     server: Server = server_factory(shards=1)

@@ -112,6 +112,7 @@ class Settings:
     http_port: int = 8080
     tcp_port: int = 9000
     shards: int = os.cpu_count() or 1
+    fronts: int = os.cpu_count() or 1
     data_dir: Path = Path("./data")
     snapshot_interval: float = 5.0
     wal: bool = True
@@ -119,6 +120,7 @@ class Settings:
     kll_k: int = 200
     req_k: int = 48
     max_customers: int = 1_000_000
+    answer_cache_mb: int = 512
     idle_timeout: float = 300.0
     log_level: str = "info"
     log_format: str = "text"
@@ -163,6 +165,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "http_port": _port,
     "tcp_port": _port,
     "shards": _positive_int,
+    "fronts": _positive_int,
     "data_dir": _path,
     "snapshot_interval": _positive_float,
     "wal": _bool,
@@ -170,6 +173,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "kll_k": _kll_k,
     "req_k": _req_k,
     "max_customers": _non_negative_int,
+    "answer_cache_mb": _non_negative_int,
     "idle_timeout": _positive_float,
     "log_level": _log_level,
     "log_format": _log_format,
@@ -179,11 +183,13 @@ _EXPECTED = {
     "http_port": "must be a port number 0-65535",
     "tcp_port": "must be a port number 0-65535",
     "shards": "must be a positive integer",
+    "fronts": "must be a positive integer",
     "snapshot_interval": "must be a positive number of seconds",
     "retention_days": "must be a non-negative integer",
     "kll_k": "must be an integer 8-65535 (DataSketches' KLL range)",
     "req_k": "must be an even integer 4-1024 (DataSketches' REQ range)",
     "max_customers": "must be a non-negative integer",
+    "answer_cache_mb": "must be a non-negative integer",
     "idle_timeout": "must be a positive number of seconds",
 }
 
@@ -192,6 +198,7 @@ SETTING_HELP = {
     "http_port": "HTTP port (stats queries, POST /ingest).",
     "tcp_port": "TCP port for newline-delimited log lines.",
     "shards": "Shard processes (default: CPU count).",
+    "fronts": "HTTP front processes, sharing the HTTP port (default: CPU count).",
     "data_dir": "Directory of the SQLite snapshot file.",
     "snapshot_interval": "Seconds between snapshots of changed aggregates.",
     "wal": "Write-ahead log: accepted batches are fsynced before they are acknowledged.",
@@ -200,6 +207,8 @@ SETTING_HELP = {
     "req_k": "REQ sketch size k: accuracy of the median and tail of busy days.",
     "max_customers": "Customers held at most (0: no limit); lines of new ones beyond it are"
     " rejected as customer_limit.",
+    "answer_cache_mb": "MiB of stats answers the fronts keep to answer again (split between"
+    " them; 0: off).",
     "idle_timeout": "Seconds an ingest connection or POST body may send nothing before it is"
     " closed.",
     "log_level": "debug, info, warning or error.",

@@ -5,14 +5,22 @@ The front keeps each key with the body's SHA-256 and the summary it answered in
 is stored once every shard has acknowledged the batch (written to its log) and before the
 200 goes out; a crash in that gap, between two local writes, is the one case a retry counts
 again.
+
+Requests with the same key are serialised across all the fronts by a POSIX record lock on
+one byte of a lock file (the byte a hash of the key picks). The kernel drops a dead front's
+locks, so a crash never leaves a key claimed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
+import os
 import re
 import sqlite3
 import time
+import zlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -25,6 +33,11 @@ from statsd_server.errors import SnapshotError
 HEADER = "Idempotency-Key"
 KEEP_SECONDS = 24 * 3600
 DB_FILENAME = "idempotency.db"
+LOCK_FILENAME = "idempotency.lock"
+# Bytes of the lock file, one per lock: distinct keys share one with odds 1 in 65,536.
+LOCK_SLOTS = 1 << 16
+# How often a request polls for the lock a request with the same key holds in another front.
+LOCK_POLL_SECONDS = 0.005
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
 
@@ -35,51 +48,88 @@ def key_problem(key: str) -> str | None:
     return None
 
 
-class IdempotencyKeys:
-    """The front's remembered keys; SQLite runs in one thread off the event loop."""
+def prepare(data_dir: Path) -> None:
+    """Create the database and its table before the fronts start: several fronts switching
+    it to WAL mode at once would fail with "database is locked"."""
+    _connect(data_dir / DB_FILENAME).close()
 
-    def __init__(self, data_dir: Path) -> None:
+
+def _connect(path: Path) -> sqlite_utils.Database:
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db = sqlite_utils.Database(conn)
+        db.enable_wal()  # a no-op once the database is in WAL mode
+        table = db.table("keys")
+        table.create(
+            {"key": str, "body_sha256": str, "summary": bytes, "created": float},
+            pk="key",
+            if_not_exists=True,
+        )
+        table.create_index(["created"], if_not_exists=True)
+    except sqlite3.DatabaseError as exc:
+        raise SnapshotError(f"cannot open {path}: {exc}") from exc
+    return db
+
+
+class IdempotencyKeys:
+    """A front's view of the remembered keys; SQLite runs in one thread off the event loop.
+
+    The lock file lives in `runtime_dir`, which the server's fronts share.
+    """
+
+    def __init__(self, data_dir: Path, runtime_dir: Path) -> None:
         self.path = data_dir / DB_FILENAME
+        self._lock_path = runtime_dir / LOCK_FILENAME
+        self._lock_fd = -1
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="idempotency")
-        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+        # Record locks belong to the process, so this front's requests queue here first.
+        self._locks: dict[int, tuple[asyncio.Lock, list[int]]] = {}
         self._db: sqlite_utils.Database | None = None
 
     async def open(self) -> None:
+        self._lock_fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
 
     def _open(self) -> None:
-        try:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            db = sqlite_utils.Database(conn)
-            db.enable_wal()
-            table = db.table("keys")
-            table.create(
-                {"key": str, "body_sha256": str, "summary": bytes, "created": float},
-                pk="key",
-                if_not_exists=True,
-            )
-            table.create_index(["created"], if_not_exists=True)
-        except sqlite3.DatabaseError as exc:
-            raise SnapshotError(f"cannot open {self.path}: {exc}") from exc
-        self._db = db
+        self._db = _connect(self.path)
 
     async def close(self) -> None:
         if self._db is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._db.close)
         self._executor.shutdown()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
 
     @asynccontextmanager
     async def claimed(self, key: str) -> AsyncIterator[None]:
-        """Serialise requests carrying the same key (a retry while the first is running)."""
-        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        """Serialise requests carrying the same key (a retry while the first is running), in
+        every front."""
+        slot = zlib.crc32(key.encode()) % LOCK_SLOTS
+        lock, users = self._locks.setdefault(slot, (asyncio.Lock(), [0]))
         users[0] += 1
         try:
             async with lock:
-                yield
+                await self._lock_slot(slot)
+                try:
+                    yield
+                finally:
+                    fcntl.lockf(self._lock_fd, fcntl.LOCK_UN, 1, slot)
         finally:
             users[0] -= 1
             if not users[0]:
-                del self._locks[key]
+                del self._locks[slot]
+
+    async def _lock_slot(self, slot: int) -> None:
+        """Take the record lock on byte `slot`, polling while another front holds it (a
+        blocking wait in a thread could not be cancelled with its request)."""
+        while True:
+            try:
+                fcntl.lockf(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, slot)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+            await asyncio.sleep(LOCK_POLL_SECONDS)
 
     async def get(self, key: str) -> tuple[str, bytes] | None:
         """(body SHA-256, summary JSON) stored for a key within KEEP_SECONDS, or None."""

@@ -25,12 +25,12 @@ class NewestDay:
     def __init__(self, path: Path, slot: int) -> None:
         with open(path, "r+b") as f:
             self._map = mmap.mmap(f.fileno(), 0)
-        self._slots = np.frombuffer(self._map, dtype=np.int64)
+        self._slots = memoryview(self._map).cast("q")
         self._slot = slot
 
     def get(self) -> int:
         """The newest day over all processes (NO_DAY if none yet)."""
-        return int(self._slots.max())
+        return max(self._slots)
 
     def publish(self, day: int) -> None:
         """Raise this process's slot to `day` if it is newer."""

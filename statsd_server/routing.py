@@ -6,6 +6,7 @@ import hashlib
 
 import numpy as np
 
+from statsd_server.changes import SLOTS
 from statsd_server.parse import ParsedChunk
 
 _HASH_MASK = (1 << 63) - 1
@@ -23,21 +24,27 @@ def shard_for(customer_id: str, shards: int) -> int:
 
 
 class Router:
-    """Splits parsed chunks by owning shard, remembering recent customers' shards."""
+    """Splits parsed chunks by owning shard, remembering recent customers' places."""
 
     _CACHE_LIMIT = 1_000_000
 
     def __init__(self, shards: int) -> None:
         self.shards = shards
+        self._places = shards * SLOTS
         self._cache: dict[str, int] = {}
 
-    def shard_of(self, customer_id: str) -> int:
-        shard = self._cache.get(customer_id)
-        if shard is None:
+    def place(self, customer_id: str) -> int:
+        """The customer's shard and change-counter slot in one number (see ChangeCounters):
+        `place % shards` is the shard, as shard_for() says."""
+        place = self._cache.get(customer_id)
+        if place is None:
             if len(self._cache) >= self._CACHE_LIMIT:
                 self._cache.clear()
-            shard = self._cache[customer_id] = shard_for(customer_id, self.shards)
-        return shard
+            place = self._cache[customer_id] = customer_key(customer_id) % self._places
+        return place
+
+    def shard_of(self, customer_id: str) -> int:
+        return self.place(customer_id) % self.shards
 
     def split(self, chunk: ParsedChunk) -> dict[int, ParsedChunk]:
         """The chunk's requests grouped by owning shard (shards with none are left out)."""

@@ -27,6 +27,7 @@ from persistence.snapshot import SnapshotDB
 from persistence.wal import WAL_DIRNAME, WriteAheadLog, layouts
 from sketches import SketchConfig
 from statsd_server import logs, metrics
+from statsd_server.changes import ChangeCounters
 from statsd_server.config import LISTEN_BACKLOG, Settings
 from statsd_server.errors import PieceError, ShardUnavailable, SnapshotError
 from statsd_server.ingest import Dispatcher, IngestSession
@@ -119,6 +120,7 @@ class ShardWorker:
         self._codec = Codec()
         self._newest_day = NewestDay(runtime_dir / "newest_day", index)
         self._router = Router(settings.shards)
+        self._changes = ChangeCounters(runtime_dir / "changes", settings.shards)
         self._clients = [
             ShardClient(i, socket_path(runtime_dir, i), self._codec) for i in range(settings.shards)
         ]
@@ -172,6 +174,8 @@ class ShardWorker:
         self._newest_day.publish(self.store.newest_day)
         self._counts.publish(self.store.customers_held)
         self._publish_sizes()
+        # What the fronts cached from an earlier process of this shard is not trusted.
+        self._changes.bump_generation(self.index)
 
         path = socket_path(self._runtime_dir, self.index)
         path.unlink(missing_ok=True)
@@ -501,6 +505,8 @@ class ShardWorker:
         if piece:
             self._pieces.mark(piece)
         self.store.enqueue(batch, newest, lsn)
+        if len(batch.day):  # after the enqueue: no query can see the batch before the bump
+            self._changes.bump_customers([self._router.place(c) for c in batch.customers])
         self._m_accepted.inc(len(batch.day))
         self._m_batches.inc()
         return Applied(len(batch.day), refused, duplicate), lsn

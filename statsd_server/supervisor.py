@@ -28,7 +28,15 @@ from pathlib import Path
 import msgspec
 
 from persistence.snapshot import SnapshotDB
-from statsd_server import front, metrics, newest_day, shard, shard_counts
+from statsd_server import (
+    changes,
+    front,
+    idempotency,
+    metrics,
+    newest_day,
+    shard,
+    shard_counts,
+)
 from statsd_server.config import LISTEN_BACKLOG, Settings
 from statsd_server.errors import ConfigError, StatsServerError
 from statsd_server.loader import load_files
@@ -83,6 +91,7 @@ class Supervisor:
         self._children: list[_Child] = []
         self._runtime_dir = Path()
         self._sockets: list[socket.socket] = []
+        self._changes: changes.ChangeCounters | None = None
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; the exit code."""
@@ -94,10 +103,13 @@ class Supervisor:
                 f"STATS_DATA_DIR={str(s.data_dir)!r} is invalid: {exc.strerror}"
             ) from None
         SnapshotDB(s.data_dir).close()  # a broken database stops the start here, named
+        idempotency.prepare(s.data_dir)
         shard.recover_other_layouts(s)
         runtime_dir = self._runtime_dir = Path(tempfile.mkdtemp(prefix="statsd-server-"))
-        newest_day.create(runtime_dir / "newest_day", s.shards + 1)
+        newest_day.create(runtime_dir / "newest_day", s.shards + s.fronts)
         shard_counts.create(runtime_dir / "shard_counts", s.shards)
+        changes.create(runtime_dir / "changes", s.shards)
+        self._changes = changes.ChangeCounters(runtime_dir / "changes", s.shards)
         # For prometheus-client, which reads it at import: the children are spawned with it.
         (runtime_dir / "metrics").mkdir()
         os.environ[metrics.MULTIPROC_ENV] = str(runtime_dir / "metrics")
@@ -116,19 +128,26 @@ class Supervisor:
             if not self._await_ready(self._children):
                 self._stop_all()
                 return 1
-            front_child = _Child("front", front.run, (s, sockets[0], runtime_dir))
-            self._children.append(front_child)
-            self._start(front_child)
-            if not self._await_ready([front_child]):
+            # The fronts share one listening socket: the kernel hands each new connection to
+            # whichever is accepting, so a dead front's share goes to the others.
+            fronts = [
+                _Child(f"front-{i}", front.run, (s, sockets[0], runtime_dir, i))
+                for i in range(s.fronts)
+            ]
+            self._children.extend(fronts)
+            for child in fronts:
+                self._start(child)
+            if not self._await_ready(fronts):
                 self._stop_all()
                 return 1
             log.info(
-                "serving: http://%s:%d  tcp %s:%d  %d shards  data %s",
+                "serving: http://%s:%d  tcp %s:%d  %d shards  %d fronts  data %s",
                 s.host,
                 s.http_port,
                 s.host,
                 s.tcp_port,
                 s.shards,
+                s.fronts,
                 s.data_dir,
             )
             if self.load:
@@ -204,6 +223,9 @@ class Supervisor:
                 log.error(
                     "%s died (exit code %s); restarting it", child.name, child.process.exitcode
                 )
+                if child.name.startswith("shard-") and self._changes is not None:
+                    # The fronts stop serving answers cached from the dead process.
+                    self._changes.bump_generation(int(child.name.split("-")[1]))
                 if not self._may_restart():
                     log.error(
                         "more than %d restarts in %ss; stopping", MAX_RESTARTS, RESTART_WINDOW
@@ -228,12 +250,14 @@ class Supervisor:
         for sock in self._sockets:
             sock.close()
         shards = [c for c in self._children if c.name.startswith("shard-") and _alive(c)]
-        for child in self._children:
-            if child.name == "front" and _alive(child):
-                assert child.process is not None and child.conn is not None
-                with contextlib.suppress(OSError):
-                    child.conn.send("stop")
-                child.process.join(STOP_TIMEOUT)
+        fronts = [c for c in self._children if c.name.startswith("front-") and _alive(c)]
+        for child in fronts:  # all at once: they drain their POSTs in parallel
+            assert child.conn is not None
+            with contextlib.suppress(OSError):
+                child.conn.send("stop")
+        for child in fronts:
+            assert child.process is not None
+            child.process.join(STOP_TIMEOUT)
         ok = True
         with ThreadPoolExecutor(max(1, len(shards))) as pool:
             for phase in (Drain(), Shutdown()):

@@ -64,7 +64,8 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()}")
             try:
-                if self.get("/ready")[0] == 200:
+                # Every front has started once the supervisor logs "serving".
+                if self.get("/ready")[0] == 200 and "serving: " in self.log():
                     return self
             except OSError:
                 pass

@@ -9,6 +9,7 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
+from statsd_server.responses import not_found
 from statsd_server.web.openapi import openapi_spec
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -77,7 +78,7 @@ def add_routes(app: web.Application) -> None:
     async def static(request: web.Request) -> web.StreamResponse:
         file = files.get(request.match_info["file"])
         if file is None:
-            raise web.HTTPNotFound()
+            return not_found(request)
         return _file_response(file)
 
     async def openapi(request: web.Request) -> web.Response:

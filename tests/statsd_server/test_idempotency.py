@@ -55,8 +55,9 @@ def test_retry_with_the_same_key_is_counted_once_even_after_a_restart(
 
 @pytest.mark.slow
 def test_concurrent_duplicates_are_counted_once(server_factory: Any) -> None:
-    """Eight clients sending the same keyed batch at once: applied once, all get its summary."""
-    server: Server = server_factory(shards=2)
+    """Eight clients sending the same keyed batch at once, to two fronts: applied once, all
+    get its summary."""
+    server: Server = server_factory(shards=2, STATS_FRONTS="2")
     body = lines_for("dup", 20_000)
     results: list[tuple[int, dict[str, Any], str | None]] = []
 

@@ -1,0 +1,169 @@
+"""Several HTTP fronts on one port, and their answer caches: never a stale answer."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from statsd_server import changes, newest_day
+from statsd_server.answer_cache import ENTRY_OVERHEAD, AnswerCache
+from statsd_server.changes import ChangeCounters
+from statsd_server.newest_day import NewestDay
+from statsd_server.routing import Router
+from tests.conftest import Server
+from tests.statsd_server.test_durability import DAY, lines_for
+from tests.statsd_server.test_processes import kill_shard_and_wait_for_restart, owned_customers
+
+# Each urllib request opens a new connection, which either front may accept: asking a few
+# times reaches both (and both caches) with near certainty.
+ASKS = 8
+
+
+def answers(server: Server, path: str) -> list[tuple[int, Any]]:
+    return [server.get(path) for _ in range(ASKS)]
+
+
+def front_pids(server: Server) -> dict[int, int]:
+    """Front index -> pid of its latest start, from the server log."""
+    pids = {}
+    for m in re.finditer(r"\[front-(\d+)\] statsd_server\.front: pid (\d+):", server.log()):
+        pids[int(m[1])] = int(m[2])
+    return pids
+
+
+def test_answers_change_as_soon_as_lines_arrive(server_factory: Any) -> None:
+    """Cached answers are dropped by new lines of their customer, and only of their customer."""
+    server: Server = server_factory(shards=2, STATS_FRONTS="2")
+    owners = owned_customers(2)
+    path = {c: f"/customers/{c}/stats?from={DAY.isoformat()}" for c in owners.values()}
+    sent = dict.fromkeys(owners.values(), 0)
+    for round_ in range(4):
+        for customer in owners.values():
+            n = 10 + round_
+            assert server.send_tcp(lines_for(customer, n, start=sent[customer]))["accepted"] == n
+            sent[customer] += n
+            for other in owners.values():  # every answer, cached or not, is the current one
+                for status, body in answers(server, path[other]):
+                    if not sent[other]:
+                        assert status == 404
+                        continue
+                    assert status == 200
+                    assert body["summary"]["total_requests"] == sent[other], (round_, other)
+    # The same query spelled differently is cached apart and agrees.
+    customer = owners[0]
+    status, body = server.get(f"/customers/{customer}/stats?from={DAY.isoformat()}&to=")
+    assert status == 400  # an empty 'to' is not a date
+    status, body = server.get(
+        f"/customers/{customer}/stats?to={DAY.isoformat()}&from={DAY.isoformat()}"
+    )
+    assert status == 200 and body["summary"]["total_requests"] == sent[customer]
+
+
+def test_unknown_customer_answer_changes_when_it_appears(server_factory: Any) -> None:
+    """A cached 404 goes as soon as the customer has lines."""
+    server: Server = server_factory(shards=2, STATS_FRONTS="2")
+    server.send_tcp(lines_for("oldtimer", 1))  # so the newcomer's lines move no newest day
+    path = f"/customers/newcomer/stats?from={DAY.isoformat()}"
+    assert {status for status, _ in answers(server, path)} == {404}
+    server.send_tcp(lines_for("newcomer", 3))
+    assert [(s, b["summary"]["total_requests"]) for s, b in answers(server, path)] == [
+        (200, 3)
+    ] * ASKS
+
+
+def test_retention_moving_on_drops_cached_days(server_factory: Any) -> None:
+    """A newer day elsewhere expires a customer's old days: its cached answer goes too."""
+    server: Server = server_factory(shards=2, STATS_FRONTS="2", STATS_RETENTION_DAYS="2")
+    owners = owned_customers(2)
+    old = DAY - dt.timedelta(days=5)
+    line = f"{old.isoformat()} 10:00:00 {owners[0]} /a 200 0.1\n"
+    assert server.send_tcp(line.encode())["accepted"] == 1
+    path = f"/customers/{owners[0]}/stats?from={old.isoformat()}"
+    assert [s for s, _ in answers(server, path)] == [200] * ASKS
+    # A line of the other shard's customer, five days later: the old day leaves retention.
+    assert server.send_tcp(lines_for(owners[1], 1))["accepted"] == 1
+    assert [s for s, _ in answers(server, path)] == [404] * ASKS
+
+
+def test_a_restarted_shard_is_asked_again(server_factory: Any) -> None:
+    """Without the log, a killed shard restarts without its unsnapshotted lines: the fronts
+    must not answer from what they cached before."""
+    server: Server = server_factory(shards=2, STATS_FRONTS="2", STATS_WAL="false")
+    owners = owned_customers(2)
+    path = f"/customers/{owners[1]}/stats?from={DAY.isoformat()}"
+    server.send_tcp(lines_for(owners[1], 5))
+    assert [s for s, _ in answers(server, path)] == [200] * ASKS
+    kill_shard_and_wait_for_restart(server, 1)  # no snapshot yet: the lines are gone
+    assert [s for s, _ in answers(server, path)] == [404] * ASKS
+
+
+@pytest.mark.slow
+def test_killed_front_is_replaced_while_the_other_serves(server_factory: Any) -> None:
+    """SIGKILL of one front: queries go on being answered, and the supervisor restarts it."""
+    server: Server = server_factory(shards=1, STATS_FRONTS="2")
+    server.send_tcp(lines_for("kf", 4))
+    pids = front_pids(server)
+    assert sorted(pids) == [0, 1]
+    os.kill(pids[0], signal.SIGKILL)
+    path = f"/customers/kf/stats?from={DAY.isoformat()}"
+    for _ in range(20):
+        status, body = server.get(path)
+        assert status == 200 and body["summary"]["total_requests"] == 4
+    deadline = time.monotonic() + 30
+    while front_pids(server)[0] == pids[0]:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.1)
+    assert "front-0 died" in server.log()
+    assert [s for s, _ in answers(server, path)] == [200] * ASKS
+
+
+# --- the cache on its own ------------------------------------------------------------------
+
+
+def make_cache(tmp_path: Path, budget: int, shards: int = 2) -> tuple[AnswerCache, Router]:
+    changes.create(tmp_path / "changes", shards)
+    newest_day.create(tmp_path / "newest_day", shards + 1)
+    counters = ChangeCounters(tmp_path / "changes", shards)
+    return AnswerCache(counters, NewestDay(tmp_path / "newest_day", shards), budget), Router(shards)
+
+
+def test_cache_keeps_its_byte_budget_oldest_out_first(tmp_path: Path) -> None:
+    body = b"x" * 800
+    per_answer = len(body) + len("/t0") + ENTRY_OVERHEAD
+    cache, router = make_cache(tmp_path, budget=3 * per_answer)
+    stamp = cache.stamp(router.place("c"))
+    for i in range(5):
+        cache.put(f"/t{i}", stamp, 200, body)
+        assert cache.size <= cache.budget
+    assert len(cache) == 3
+    assert cache.get("/t0") is None and cache.get("/t1") is None
+    assert cache.get("/t4") == (200, body)
+    cache.put("/huge", stamp, 200, b"y" * (4 * per_answer))  # larger than the whole budget
+    assert cache.get("/huge") is None and len(cache) == 3
+
+
+def test_cache_entry_goes_with_any_counter_it_was_stamped_with(tmp_path: Path) -> None:
+    cache, router = make_cache(tmp_path, budget=1 << 20)
+    counters = ChangeCounters(tmp_path / "changes", 2)  # as a shard sees them
+    day = NewestDay(tmp_path / "newest_day", 0)
+    place = router.place("alice")
+    other = next(router.place(f"c{i}") for i in range(100) if router.place(f"c{i}") != place)
+
+    def cached_after(change: Any) -> bool:
+        cache.put("/a", cache.stamp(place), 200, b"{}")
+        change()
+        return cache.get("/a") is not None
+
+    assert cached_after(lambda: None)
+    assert cached_after(lambda: counters.bump_customers([other]))  # someone else's lines
+    assert not cached_after(lambda: counters.bump_customers([place]))
+    assert not cached_after(lambda: counters.bump_generation(place % 2))
+    assert not cached_after(lambda: day.publish(20_000))
+    assert cached_after(lambda: counters.bump_generation(1 - place % 2))

@@ -106,6 +106,8 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--shards", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--fronts", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--answer-cache-mb", default="512", help="the server's STATS_ANSWER_CACHE_MB")
     p.add_argument("--snapshot-interval", default="5", help="the server's STATS_SNAPSHOT_INTERVAL")
     args = p.parse_args()
     log = Path(tempfile.mkdtemp()) / "bench.log"
@@ -115,9 +117,15 @@ def main() -> None:
     client = "wrk -t2" if shutil.which("wrk") else "aiohttp client"
     print(
         f"{args.lines:,} lines loaded, {args.customers} customers x 31 days, {args.shards} "
-        f"shards, {client}, {args.connections} connections, {args.seconds:g} s per run"
+        f"shards, {args.fronts} fronts (answer cache {args.answer_cache_mb} MiB), {client}, "
+        f"{args.connections} connections, {args.seconds:g} s per run"
     )
-    server = BenchServer(args.shards, STATS_SNAPSHOT_INTERVAL=args.snapshot_interval)
+    server = BenchServer(
+        args.shards,
+        STATS_SNAPSHOT_INTERVAL=args.snapshot_interval,
+        STATS_FRONTS=str(args.fronts),
+        STATS_ANSWER_CACHE_MB=args.answer_cache_mb,
+    )
     try:
         server.load(log)
         text, _ = measure(server.http_port, args, days)

@@ -7,7 +7,8 @@ is stored once every shard has acknowledged the batch (written to its log) and b
 again.
 
 Requests with the same key are serialised across all the fronts by a POSIX record lock on
-one byte of a lock file (the byte a hash of the key picks). The kernel drops a dead front's
+one byte of a lock file, at an offset of 62 bits of the key's BLAKE2b hash (so distinct keys
+practically never share one; unheld locks cost nothing). The kernel drops a dead front's
 locks, so a crash never leaves a key claimed.
 """
 
@@ -16,11 +17,11 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import sqlite3
 import time
-import zlib
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -34,8 +35,6 @@ HEADER = "Idempotency-Key"
 KEEP_SECONDS = 24 * 3600
 DB_FILENAME = "idempotency.db"
 LOCK_FILENAME = "idempotency.lock"
-# Bytes of the lock file, one per lock: distinct keys share one with odds 1 in 65,536.
-LOCK_SLOTS = 1 << 16
 # How often a request polls for the lock a request with the same key holds in another front.
 LOCK_POLL_SECONDS = 0.005
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")
@@ -99,12 +98,13 @@ class IdempotencyKeys:
         self._executor.shutdown()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
+            self._lock_fd = -1
 
     @asynccontextmanager
     async def claimed(self, key: str) -> AsyncIterator[None]:
         """Serialise requests carrying the same key (a retry while the first is running), in
         every front."""
-        slot = zlib.crc32(key.encode()) % LOCK_SLOTS
+        slot = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") >> 2
         lock, users = self._locks.setdefault(slot, (asyncio.Lock(), [0]))
         users[0] += 1
         try:

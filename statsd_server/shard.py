@@ -504,9 +504,11 @@ class ShardWorker:
             self._counts.publish(self.store.customers_held)
         if piece:
             self._pieces.mark(piece)
-        self.store.enqueue(batch, newest, lsn)
-        if len(batch.day):  # after the enqueue: no query can see the batch before the bump
+        if len(batch.day):
+            # In the same event-loop step as the enqueue, so no query sees the batch before
+            # the bump; before it, so a failure while folding the batch in still bumps.
             self._changes.bump_customers([self._router.place(c) for c in batch.customers])
+        self.store.enqueue(batch, newest, lsn)
         self._m_accepted.inc(len(batch.day))
         self._m_batches.inc()
         return Applied(len(batch.day), refused, duplicate), lsn

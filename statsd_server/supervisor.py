@@ -255,9 +255,10 @@ class Supervisor:
             assert child.conn is not None
             with contextlib.suppress(OSError):
                 child.conn.send("stop")
+        deadline = time.monotonic() + STOP_TIMEOUT  # shared: hung fronts do not add up
         for child in fronts:
             assert child.process is not None
-            child.process.join(STOP_TIMEOUT)
+            child.process.join(max(0.0, deadline - time.monotonic()))
         ok = True
         with ThreadPoolExecutor(max(1, len(shards))) as pool:
             for phase in (Drain(), Shutdown()):

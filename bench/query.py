@@ -128,10 +128,13 @@ def main() -> None:
     )
     try:
         server.load(log)
+        before = query_counts(server.http_port)
         text, _ = measure(server.http_port, args, days)
-        print(f"stats, first run (cold caches): {text}")
+        after = query_counts(server.http_port)
+        print(f"stats, first run (cold caches): {text}; {hit_share(before, after)}")
         text, ours = measure(server.http_port, args, days)
-        print(f"stats, second run:              {text}")
+        share = hit_share(after, query_counts(server.http_port))
+        print(f"stats, second run:              {text}; {share}")
         size = mean_body_bytes(server.http_port, args.customers, days)
     finally:
         server.stop()
@@ -143,6 +146,26 @@ def main() -> None:
     text, same_size = minimal(args, days, size)
     print(f"minimal endpoint, {size:,}-byte body: {text}")
     print(f"stats / minimal with the same body size: {ours / same_size:.2f}")
+
+
+def query_counts(port: int) -> dict[str, float]:
+    """Stats queries answered so far, by the `cache` label ("hit" or "miss") of /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as resp:
+        text = resp.read().decode()
+    counts = {"hit": 0.0, "miss": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "statsd_query_seconds_count":
+                counts[sample.labels["cache"]] += sample.value
+    return counts
+
+
+def hit_share(before: dict[str, float], after: dict[str, float]) -> str:
+    hits = after["hit"] - before["hit"]
+    total = hits + after["miss"] - before["miss"]
+    return f"{hits / total:.0%} from the fronts' caches" if total else "no queries counted"
 
 
 def mean_body_bytes(port: int, customers: int, days: list[str], samples: int = 200) -> int:

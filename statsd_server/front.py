@@ -106,12 +106,21 @@ async def stats(request: web.Request) -> web.Response:
 
     Answered from the front's cache when the shard's answer cannot have changed.
     """
+    started = time.perf_counter()
     app = request.app
     cache = app[ANSWER_CACHE]
     target = request.raw_path
     cached = cache.get(target)
     if cached is not None:
+        app[QUERY_LATENCY].observe(cached[0], time.perf_counter() - started, hit=True)
         return web.Response(body=cached[1], status=cached[0], content_type="application/json")
+    response = await _ask_shard(request, cache, target)
+    app[QUERY_LATENCY].observe(response.status, time.perf_counter() - started)
+    return response
+
+
+async def _ask_shard(request: web.Request, cache: AnswerCache, target: str) -> web.Response:
+    """The answer of a query the cache did not have (stored in it if it is 200 or 404)."""
     customer_id = request.match_info["customer_id"]
     problem = customer_id_problem(customer_id)
     if problem is not None:
@@ -126,6 +135,7 @@ async def stats(request: web.Request) -> web.Response:
     if last is not None and last < first:
         return _error(400, f"'to' ({last}) is before 'from' ({first})")
 
+    app = request.app
     router = app[ROUTER]
     place = router.place(customer_id)
     query = StatsQuery(
@@ -219,13 +229,6 @@ async def _ingest(request: web.Request, key: str | None) -> web.Response:
     return web.Response(body=body, content_type="application/json")
 
 
-async def timed_stats(request: web.Request) -> web.Response:
-    started = time.perf_counter()
-    response = await stats(request)
-    request.app[QUERY_LATENCY].observe(response.status, time.perf_counter() - started)
-    return response
-
-
 async def metrics_page(request: web.Request) -> web.Response:
     """GET /metrics: Prometheus text format, every process's samples merged."""
     body, content_type = await asyncio.get_running_loop().run_in_executor(
@@ -310,7 +313,7 @@ def create_app(settings: Settings, runtime_dir: Path, index: int = 0) -> web.App
 
     app.cleanup_ctx.append(shard_clients)
     app.cleanup_ctx.append(idempotency_keys)
-    app.router.add_get("/customers/{customer_id:.+}/stats", timed_stats)
+    app.router.add_get("/customers/{customer_id:.+}/stats", stats)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_post("/ingest", ingest)
     app.router.add_get("/health", health)

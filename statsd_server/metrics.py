@@ -83,11 +83,12 @@ class QueryLatency(Collector):
     """
 
     _FILE_GLOB = "query_latency_*.bin"
-    _FIRST_STATUS, _STATUSES = 100, 500  # HTTP statuses 100-599, one row each
+    _FIRST_STATUS, _STATUSES = 100, 500  # HTTP statuses 100-599
+    _CACHE = ("miss", "hit")  # answered from the front's cache or not: a row per status each
     _ROW = len(_SECONDS) + 2  # bucket counts (the last is +Inf), then the sum
 
     def __init__(self, front: int = 0) -> None:
-        size = self._STATUSES * self._ROW * 8
+        size = self._STATUSES * len(self._CACHE) * self._ROW * 8
         directory = os.environ.get(MULTIPROC_ENV)
         self._dir = Path(directory) if directory else None
         if self._dir is None:
@@ -99,8 +100,8 @@ class QueryLatency(Collector):
                 f.truncate(size)
             self._counts = memoryview(mmap.mmap(f.fileno(), size)).cast("d")
 
-    def observe(self, status: int, seconds: float) -> None:
-        row = (min(max(status, 100), 599) - self._FIRST_STATUS) * self._ROW
+    def observe(self, status: int, seconds: float, hit: bool = False) -> None:
+        row = ((min(max(status, 100), 599) - self._FIRST_STATUS) * 2 + hit) * self._ROW
         counts = self._counts
         counts[row + bisect.bisect_left(_SECONDS, seconds)] += 1
         counts[row + self._ROW - 1] += seconds
@@ -119,11 +120,12 @@ class QueryLatency(Collector):
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(
             "statsd_query_seconds",
-            "Stats query latency in the fronts, by status.",
-            labels=["status"],
+            "Stats query latency in the fronts, by status and by whether the front's answer"
+            " cache answered.",
+            labels=["status", "cache"],
         )
         totals = self._totals()
-        for index in range(self._STATUSES):
+        for index in range(self._STATUSES * len(self._CACHE)):
             counts = totals[index * self._ROW : (index + 1) * self._ROW]
             if not any(counts[:-1]):
                 continue
@@ -131,7 +133,10 @@ class QueryLatency(Collector):
             for bound, n in zip([*map(str, _SECONDS), "+Inf"], counts[:-1], strict=True):
                 cumulative += n
                 buckets.append((bound, cumulative))
-            family.add_metric([str(self._FIRST_STATUS + index)], buckets, counts[-1])
+            status, hit = divmod(index, 2)
+            family.add_metric(
+                [str(self._FIRST_STATUS + status), self._CACHE[hit]], buckets, counts[-1]
+            )
         yield family
 
 

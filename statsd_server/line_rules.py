@@ -75,6 +75,15 @@ def _has_control(text: str) -> bool:
 
 def customer_id_problem(customer_id: str) -> str | None:
     """Why a string is not a valid customer id, or None when it is one."""
+    # The common case, quickly: printable ASCII has no control character, and its only
+    # whitespace is the space.
+    if (
+        customer_id.isascii()
+        and customer_id.isprintable()
+        and " " not in customer_id
+        and 0 < len(customer_id) <= MAX_CUSTOMER_ID_BYTES
+    ):
+        return None
     try:
         size = len(customer_id.encode("utf-8"))
     except UnicodeEncodeError:

@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from statsd_server import logs, metrics
-from statsd_server.answer_cache import AnswerCache
+from statsd_server.answer_cache import AnswerCache, AnswerSharing
 from statsd_server.changes import ChangeCounters
 from statsd_server.config import LISTEN_BACKLOG, Settings
 from statsd_server.errors import ShardUnavailable
@@ -57,6 +57,7 @@ INGESTS = web.AppKey("ingests", set[asyncio.Task[object]])
 IDEMPOTENCY = web.AppKey("idempotency", IdempotencyKeys)
 QUERY_LATENCY = web.AppKey("query_latency", metrics.QueryLatency)
 ANSWER_CACHE = web.AppKey("answer_cache", AnswerCache)
+ANSWER_SHARING = web.AppKey("answer_sharing", AnswerSharing)
 
 
 class BadRequest(Exception):
@@ -155,6 +156,9 @@ async def _ask_shard(request: web.Request, cache: AnswerCache, target: str) -> w
         response = web.Response(body=reply.body, content_type="application/json")
     assert isinstance(response.body, bytes)
     cache.put(target, stamp, response.status, response.body)
+    sharing = app.get(ANSWER_SHARING)
+    if sharing is not None:
+        sharing.offer(target, stamp, response.status, response.body)
     return response
 
 
@@ -311,8 +315,19 @@ def create_app(settings: Settings, runtime_dir: Path, index: int = 0) -> web.App
         yield
         await app[IDEMPOTENCY].close()
 
+    async def answer_sharing(app: web.Application) -> AsyncIterator[None]:
+        if settings.fronts < 2 or not app[ANSWER_CACHE].budget:
+            yield
+            return
+        sharing = AnswerSharing(runtime_dir, index, settings.fronts, app[ANSWER_CACHE])
+        sharing.start()
+        app[ANSWER_SHARING] = sharing
+        yield
+        sharing.close()
+
     app.cleanup_ctx.append(shard_clients)
     app.cleanup_ctx.append(idempotency_keys)
+    app.cleanup_ctx.append(answer_sharing)
     app.router.add_get("/customers/{customer_id:.+}/stats", stats)
     app.router.add_get("/metrics", metrics_page)
     app.router.add_post("/ingest", ingest)

@@ -19,6 +19,7 @@ from statsd_server.newest_day import NewestDay
 from statsd_server.routing import Router
 from tests.conftest import Server
 from tests.statsd_server.test_durability import DAY, lines_for
+from tests.statsd_server.test_observability import scrape, total
 from tests.statsd_server.test_processes import kill_shard_and_wait_for_restart, owned_customers
 
 # Each urllib request opens a new connection, which either front may accept: asking a few
@@ -102,6 +103,21 @@ def test_a_restarted_shard_is_asked_again(server_factory: Any) -> None:
     assert [s for s, _ in answers(server, path)] == [200] * ASKS
     kill_shard_and_wait_for_restart(server, 1)  # no snapshot yet: the lines are gone
     assert [s for s, _ in answers(server, path)] == [404] * ASKS
+
+
+def test_an_answer_goes_to_a_shard_once_for_all_fronts(server_factory: Any) -> None:
+    """The front that asked a shard offers the answer to the other: later asks, at either
+    front, are answered from the caches."""
+    server: Server = server_factory(shards=2, STATS_FRONTS="2")
+    customers = [f"once_{k}" for k in range(5)]
+    server.send_tcp(b"".join(lines_for(c, 3) for c in customers))
+    for _ in range(4):
+        for c in customers:
+            status, body = server.get(f"/customers/{c}/stats?from={DAY.isoformat()}")
+            assert status == 200 and body["summary"]["total_requests"] == 3
+    samples = scrape(server)
+    assert total(samples, "statsd_query_seconds_count", cache="miss") == len(customers)
+    assert total(samples, "statsd_query_seconds_count", cache="hit") == 3 * len(customers)
 
 
 @pytest.mark.slow

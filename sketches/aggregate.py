@@ -262,6 +262,13 @@ class _Pool:
     def __init__(self, days: Sequence[DayAggregate], tail: bool) -> None:
         self.days = days
         self.tail = tail
+        self.exact = all(day._exact is not None for day in days)
+        if self.exact and len(days) > 1:
+            # Exact days misplace no rank, so they need no items of their own: one sort of all
+            # their durations (the common case of a range summary).
+            self.per_day: list[_Items] = []
+            self.pooled = _Items(np.concatenate([day._exact for day in days]), None)
+            return
         self.per_day = [day._items(tail) for day in days]
         if len(self.per_day) == 1:
             self.pooled = self.per_day[0]
@@ -276,6 +283,8 @@ class _Pool:
     def quantile_with_error(self, q: float, total: int) -> tuple[float, float]:
         """The nearest-rank q-quantile and its relative error bound."""
         value = self.pooled.quantile(q)
+        if self.exact:
+            return value, 0.0
         # Each sketched day may misplace ranks by up to its bound; add them up in requests.
         misplaced = sum(
             day.total * day._rank_error(self.tail, it.rank(value))

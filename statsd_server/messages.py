@@ -146,5 +146,5 @@ class Codec:
         payload = self._encoder.encode(envelope)
         return FRAME_HEADER.pack(len(payload)) + payload
 
-    def decode(self, payload: bytes) -> Envelope:
+    def decode(self, payload: bytes | memoryview) -> Envelope:
         return self._decoder.decode(payload)

@@ -7,12 +7,12 @@ requests at once; replies are matched to requests by id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Protocol, cast
 
 from statsd_server.errors import ShardUnavailable
 from statsd_server.messages import FRAME_HEADER, MAX_FRAME_BYTES, Body, Codec, Envelope, ErrorReply
@@ -38,11 +38,17 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
     return await reader.readexactly(size)
 
 
+class _Writer(Protocol):
+    def is_closing(self) -> bool: ...
+
+    def writelines(self, data: Iterable[bytes]) -> None: ...
+
+
 class FrameBatcher:
     """Frames written during one pass of the event loop go out in one write: one system call
     and one wake-up of the peer for a burst of requests or replies, not one each."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: _Writer) -> None:
         self.writer = writer
         self._frames: list[bytes] = []
         self._loop = asyncio.get_running_loop()
@@ -59,6 +65,55 @@ class FrameBatcher:
             self.writer.writelines(frames)  # uvloop: one writev, no copy
 
 
+class _Replies(asyncio.Protocol):
+    """One connection of a ShardClient: replies resolve their requests' futures in the
+    callback that reads them (a reader task would take one more pass of the event loop)."""
+
+    def __init__(self, codec: Codec) -> None:
+        self._codec = codec
+        self._buffer = bytearray()
+        self.pending: dict[int, asyncio.Future[Body]] = {}  # requests sent on this connection
+        self.transport: asyncio.Transport | None = None
+        self.batcher: FrameBatcher | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A stream transport (uvloop's are not asyncio.Transport subclasses).
+        self.transport = cast(asyncio.Transport, transport)
+        self.batcher = FrameBatcher(self.transport)
+
+    def is_open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        offset, header = 0, FRAME_HEADER.size
+        envelopes = []
+        with memoryview(buffer) as view:
+            while len(buffer) - offset >= header:
+                (size,) = FRAME_HEADER.unpack_from(buffer, offset)
+                if size > MAX_FRAME_BYTES:
+                    assert self.transport is not None
+                    self.transport.close()
+                    return
+                end = offset + header + size
+                if len(buffer) < end:
+                    break
+                envelopes.append(self._codec.decode(view[offset + header : end]))
+                offset = end
+        del buffer[:offset]
+        for envelope in envelopes:
+            future = self.pending.get(envelope.id)
+            if future is not None and not future.done():
+                future.set_result(envelope.body)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = ConnectionError(f"connection lost: {exc or 'closed by the shard'}")
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(error)
+
+
 class ShardClient:
     """A multiplexed connection to one shard, reconnected on demand."""
 
@@ -67,74 +122,50 @@ class ShardClient:
         self._path = path
         self._codec = codec
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[Body]] = {}
-        self._writer: asyncio.StreamWriter | None = None
-        self._batcher: FrameBatcher | None = None
-        self._reader_task: asyncio.Task[None] | None = None
+        self._connection: _Replies | None = None
         self._connecting = asyncio.Lock()
 
     async def request(self, body: Body, timeout: float) -> Body:
         """Send one request and wait for its reply."""
-        batcher = self._batcher
-        if batcher is None or batcher.writer.is_closing():
+        connection = self._connection
+        if connection is None or not connection.is_open():
             try:
-                batcher = await asyncio.wait_for(self._connect(), timeout)
+                connection = await asyncio.wait_for(self._connect(), timeout)
             except (OSError, TimeoutError) as exc:
                 raise ShardUnavailable(self.shard, f"cannot connect: {exc or 'timeout'}") from exc
+        assert connection.batcher is not None
         loop = asyncio.get_running_loop()
         request_id = next(self._ids)
         future: asyncio.Future[Body] = loop.create_future()
-        self._pending[request_id] = future
+        connection.pending[request_id] = future
         # A timer, not wait_for(): wait_for wraps every request in a task of its own.
         timer = loop.call_later(timeout, _expire, future, self.shard, timeout)
         try:
-            batcher.write(self._codec.frame(Envelope(request_id, body)))
+            connection.batcher.write(self._codec.frame(Envelope(request_id, body)))
             reply = await future
         except ConnectionError as exc:
             raise ShardUnavailable(self.shard, str(exc)) from exc
         finally:
             timer.cancel()
-            self._pending.pop(request_id, None)
+            connection.pending.pop(request_id, None)
         if isinstance(reply, ErrorReply):
             raise ShardUnavailable(self.shard, reply.message)
         return reply
 
-    async def _connect(self) -> FrameBatcher:
+    async def _connect(self) -> _Replies:
         async with self._connecting:
-            if self._batcher is not None and not self._batcher.writer.is_closing():
-                return self._batcher
-            reader, writer = await asyncio.open_unix_connection(str(self._path))
-            self._writer, self._batcher = writer, FrameBatcher(writer)
-            self._reader_task = asyncio.create_task(self._read_replies(reader, writer))
-            return self._batcher
-
-    async def _read_replies(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        error: Exception = ConnectionError("connection closed by shard")
-        try:
-            while (payload := await read_frame(reader)) is not None:
-                envelope = self._codec.decode(payload)
-                future = self._pending.get(envelope.id)
-                if future is not None and not future.done():
-                    future.set_result(envelope.body)
-        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
-            error = ConnectionError(f"connection lost: {exc}")
-        finally:
-            writer.close()
-            if self._writer is writer:
-                self._writer = self._batcher = None
-            for future in self._pending.values():
-                if not future.done():
-                    future.set_exception(error)
+            if self._connection is not None and self._connection.is_open():
+                return self._connection
+            loop = asyncio.get_running_loop()
+            _, connection = await loop.create_unix_connection(
+                lambda: _Replies(self._codec), str(self._path)
+            )
+            self._connection = connection
+            return connection
 
     async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader_task
+        if self._connection is not None and self._connection.transport is not None:
+            self._connection.transport.close()
 
 
 def _expire(future: asyncio.Future[Body], shard: int, timeout: float) -> None:

@@ -10,8 +10,9 @@ The cache holds at most `budget` bytes (bodies, targets and a fixed overhead per
 past it, the oldest answers go first.
 
 A front that got an answer from a shard also offers it, stamp and all, to the other fronts
-(AnswerSharing: a datagram each, dropped if a peer is busy or down), so each query goes to a
-shard about once per server rather than once per front. The stamp was read before the shard
+(AnswerSharing: datagrams, each carrying the answers of one event-loop pass, dropped if a
+peer is busy or down), so each query goes to a shard about once per server rather than once
+per front. The stamp was read before the shard
 was asked, so it is as valid in every front.
 """
 
@@ -33,9 +34,9 @@ from statsd_server.newest_day import NewestDay
 # Bytes of bookkeeping per answer besides its body and target: the ordered dict's node and
 # slot, the tuples, the stamp's ints, two object headers (measured: about 450).
 ENTRY_OVERHEAD = 450
-# Answers larger than this are not offered to the other fronts (a datagram must fit the
-# socket buffer).
-MAX_SHARED_BYTES = 64 * 1024
+# Datagrams of shared answers stay under this (they must fit the sockets' buffers); an
+# answer that alone would not fit is not shared.
+MAX_DATAGRAM_BYTES = 64 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +81,25 @@ class AnswerCache:
         if cached is None:
             return None
         stamp, status, body = cached
-        read = self._changes.read
-        if (
-            read(stamp.customer_index) != stamp.version
-            or read(stamp.generation_index) != stamp.generation
-            or self._newest_day.get() != stamp.newest_day
-        ):
+        if not self.current(stamp):
             self._remove(target)
             return None
         return status, body
+
+    def current(self, stamp: Stamp) -> bool:
+        """Whether nothing the stamp was read from has changed since."""
+        read = self._changes.read
+        return (
+            read(stamp.customer_index) == stamp.version
+            and read(stamp.generation_index) == stamp.generation
+            and self._newest_day.get() == stamp.newest_day
+        )
+
+    def well_formed(self, stamp: Stamp) -> bool:
+        """Whether a stamp from elsewhere points at real counters (see AnswerSharing)."""
+        return self._changes.holds(stamp.generation_index) and self._changes.holds(
+            stamp.customer_index
+        )
 
     def put(self, target: str, stamp: Stamp, status: int, body: bytes) -> None:
         cost = len(body) + len(target) + ENTRY_OVERHEAD
@@ -106,12 +117,18 @@ class AnswerCache:
         self.size -= len(body) + len(target) + ENTRY_OVERHEAD
 
 
-_Shared = tuple[str, tuple[int, int, int, int, int], int, bytes]
+_Shared = list[tuple[str, tuple[int, int, int, int, int], int, bytes]]
+SHAREABLE_STATUSES = (200, 404)
 
 
 class AnswerSharing:
     """Offers this front's answers from shards to the other fronts' caches, and takes
-    theirs, as datagrams on `front-<i>.answers` sockets in the runtime directory."""
+    theirs, as datagrams on `front-<i>.answers` sockets in the runtime directory.
+
+    The answers a front gets during one pass of its event loop go out together, in as few
+    datagrams as fit: the kernel queues only a few datagrams per socket
+    (net.unix.max_dgram_qlen, often 10), and what does not fit is dropped.
+    """
 
     def __init__(self, runtime_dir: Path, index: int, fronts: int, cache: AnswerCache) -> None:
         self._cache = cache
@@ -124,6 +141,8 @@ class AnswerSharing:
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode = msgspec.msgpack.Decoder(_Shared).decode
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._offers: _Shared = []
+        self._offered_bytes = 0
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -135,26 +154,46 @@ class AnswerSharing:
         self._sock.close()
 
     def offer(self, target: str, stamp: Stamp, status: int, body: bytes) -> None:
-        if not self._peers or len(body) > MAX_SHARED_BYTES:
+        size = len(body) + len(target) + 64  # about, encoded
+        if not self._peers or size > MAX_DATAGRAM_BYTES or self._loop is None:
             return
-        datagram = self._encode((target, tuple(stamp), status, body))
+        if self._offered_bytes + size > MAX_DATAGRAM_BYTES:
+            self._send()
+        if not self._offers:
+            self._loop.call_soon(self._send)
+        self._offers.append((target, tuple(stamp), status, body))  # type: ignore[arg-type]
+        self._offered_bytes += size
+
+    def _send(self) -> None:
+        if not self._offers:
+            return
+        datagram = self._encode(self._offers)
+        self._offers, self._offered_bytes = [], 0
         for peer in self._peers:
-            # A peer that is starting, restarting or behind just misses this one.
+            # A peer that is starting, restarting or behind just misses these.
             with contextlib.suppress(OSError):
                 self._sock.sendto(datagram, peer)
 
     def _receive(self) -> None:
-        for _ in range(32):  # then let the loop serve requests again
+        cache = self._cache
+        for _ in range(16):  # then let the loop serve requests again
             try:
-                datagram = self._sock.recv(MAX_SHARED_BYTES + 4096)
+                datagram = self._sock.recv(MAX_DATAGRAM_BYTES + 4096)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                log.debug("answer from another front lost: %s", exc)
+                log.debug("answers from another front lost: %s", exc)
                 return
             try:
-                target, stamp, status, body = self._decode(datagram)
+                answers = self._decode(datagram)
             except msgspec.DecodeError:
                 continue
-            if self._cache.get(target) is None:  # keep an answer of our own that is valid
-                self._cache.put(target, Stamp(*stamp), status, body)
+            for target, fields, status, body in answers:
+                stamp = Stamp(*fields)
+                if (
+                    status in SHAREABLE_STATUSES
+                    and cache.well_formed(stamp)
+                    and cache.current(stamp)  # not already out of date: it would only evict
+                    and cache.get(target) is None  # keep an answer of our own that is valid
+                ):
+                    cache.put(target, stamp, status, body)

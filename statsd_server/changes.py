@@ -55,6 +55,10 @@ class ChangeCounters:
     def read(self, index: int) -> int:
         return self._flat[index]
 
+    def holds(self, index: int) -> bool:
+        """Whether `index` is a counter of this file."""
+        return 0 <= index < len(self._flat)
+
     def bump_customers(self, places: list[int]) -> None:
         """Count a change of each customer (by their `place`), in their shard's row."""
         p = np.array(places, dtype=np.int64)

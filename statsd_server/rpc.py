@@ -75,6 +75,7 @@ class _Replies(asyncio.Protocol):
         self.pending: dict[int, asyncio.Future[Body]] = {}  # requests sent on this connection
         self.transport: asyncio.Transport | None = None
         self.batcher: FrameBatcher | None = None
+        self._problem: str | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport (uvloop's are not asyncio.Transport subclasses).
@@ -89,26 +90,34 @@ class _Replies(asyncio.Protocol):
         buffer += data
         offset, header = 0, FRAME_HEADER.size
         envelopes = []
+        problem = None
         with memoryview(buffer) as view:
             while len(buffer) - offset >= header:
                 (size,) = FRAME_HEADER.unpack_from(buffer, offset)
                 if size > MAX_FRAME_BYTES:
-                    assert self.transport is not None
-                    self.transport.close()
-                    return
+                    problem = f"a frame of {size} bytes exceeds the limit"
+                    break
                 end = offset + header + size
                 if len(buffer) < end:
                     break
-                envelopes.append(self._codec.decode(view[offset + header : end]))
+                try:
+                    envelopes.append(self._codec.decode(view[offset + header : end]))
+                except ValueError as exc:  # msgspec.DecodeError
+                    problem = f"unreadable reply: {exc}"
+                    break
                 offset = end
         del buffer[:offset]
-        for envelope in envelopes:
+        for envelope in envelopes:  # the replies read before any problem still count
             future = self.pending.get(envelope.id)
             if future is not None and not future.done():
                 future.set_result(envelope.body)
+        if problem is not None and self.transport is not None:
+            self._problem = problem
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        error = ConnectionError(f"connection lost: {exc or 'closed by the shard'}")
+        reason = self._problem or exc or "closed by the shard"
+        error = ConnectionError(f"connection lost: {reason}")
         for future in self.pending.values():
             if not future.done():
                 future.set_exception(error)
@@ -133,6 +142,9 @@ class ShardClient:
                 connection = await asyncio.wait_for(self._connect(), timeout)
             except (OSError, TimeoutError) as exc:
                 raise ShardUnavailable(self.shard, f"cannot connect: {exc or 'timeout'}") from exc
+        if not connection.is_open():
+            # Lost while this request waited for it to open: nothing would ever answer.
+            raise ShardUnavailable(self.shard, "connection lost as it opened")
         assert connection.batcher is not None
         loop = asyncio.get_running_loop()
         request_id = next(self._ids)

@@ -183,3 +183,56 @@ def test_cache_entry_goes_with_any_counter_it_was_stamped_with(tmp_path: Path) -
     assert not cached_after(lambda: counters.bump_generation(place % 2))
     assert not cached_after(lambda: day.publish(20_000))
     assert cached_after(lambda: counters.bump_generation(1 - place % 2))
+
+
+def test_shared_answers_are_checked_before_they_are_kept(tmp_path: Path) -> None:
+    """A front keeps another front's answer only if it is current and points at real
+    counters; several answers of one event-loop pass travel together."""
+    import asyncio
+    import socket
+
+    import msgspec
+    import uvloop
+
+    from statsd_server.answer_cache import AnswerSharing
+
+    cache_a, router = make_cache(tmp_path, budget=1 << 20)
+    cache_b = AnswerCache(
+        ChangeCounters(tmp_path / "changes", 2), NewestDay(tmp_path / "newest_day", 2), 1 << 20
+    )
+    counters = ChangeCounters(tmp_path / "changes", 2)
+    fresh, stale = router.place("fresh"), router.place("stale")
+
+    async def main() -> None:
+        a = AnswerSharing(tmp_path, 0, 2, cache_a)
+        b = AnswerSharing(tmp_path, 1, 2, cache_b)
+        a.start()
+        b.start()
+        try:
+            a.offer("/fresh", cache_a.stamp(fresh), 200, b"{}")
+            stale_stamp = cache_a.stamp(stale)
+            counters.bump_customers([stale])  # changed after the stamp, before it arrives
+            a.offer("/stale", stale_stamp, 200, b"{}")
+            good = tuple(cache_a.stamp(fresh))
+            bogus = (*good[:2], 1 << 40, 0, 0)  # a counter index past the file
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as hostile:
+                datagram = msgspec.msgpack.encode(
+                    [
+                        ("/bogus", bogus, 200, b"{}"),
+                        ("/teapot", good, 418, b"{}"),
+                        ("/after", good, 404, b"{}"),  # still taken after the bad ones
+                    ]
+                )
+                hostile.sendto(datagram, str(tmp_path / "front-1.answers"))
+                hostile.sendto(b"\xc1 not msgpack", str(tmp_path / "front-1.answers"))
+            await asyncio.sleep(0.1)
+        finally:
+            a.close()
+            b.close()
+
+    uvloop.run(main())
+    assert len(cache_b) == 2  # (before any get, which would drop what is out of date)
+    assert cache_b.get("/fresh") == (200, b"{}")
+    assert cache_b.get("/after") == (404, b"{}")
+    assert cache_b.get("/stale") is None
+    assert cache_b.get("/bogus") is None and cache_b.get("/teapot") is None

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import mmap
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 SLOTS = 1 << 18  # per shard: 2 MiB of counters
 _ROW = SLOTS + 1
+_Places = TypeVar("_Places", int, np.ndarray)
 
 
 def create(path: Path, shards: int) -> None:
@@ -48,8 +50,8 @@ class ChangeCounters:
         """Where the generation of the shard owning `place` is."""
         return (place % self._shards) * _ROW
 
-    def customer_index(self, place: int) -> int:
-        """Where the counter of the customer at `place` is."""
+    def customer_index(self, place: _Places) -> _Places:
+        """Where the counter of the customer at `place` is (or of each of an array of them)."""
         return (place % self._shards) * _ROW + 1 + place // self._shards
 
     def read(self, index: int) -> int:
@@ -61,8 +63,7 @@ class ChangeCounters:
 
     def bump_customers(self, places: list[int]) -> None:
         """Count a change of each customer (by their `place`), in their shard's row."""
-        p = np.array(places, dtype=np.int64)
-        self._array[(p % self._shards) * _ROW + 1 + p // self._shards] += np.uint64(1)
+        self._array[self.customer_index(np.array(places, dtype=np.int64))] += np.uint64(1)
 
     def bump_generation(self, shard: int) -> None:
         self._flat[shard * _ROW] += 1

@@ -24,6 +24,14 @@ def socket_path(runtime_dir: Path, shard: int) -> Path:
     return runtime_dir / f"shard-{shard}.sock"
 
 
+def frame_size(buffer: bytes | bytearray, offset: int = 0) -> int:
+    """The payload size a frame header at `offset` announces; ValueError past the limit."""
+    (size,) = FRAME_HEADER.unpack_from(buffer, offset)
+    if size > MAX_FRAME_BYTES:
+        raise ValueError(f"frame of {size} bytes exceeds the limit")
+    return int(size)
+
+
 async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
     """The next frame's payload, or None at a clean end of stream."""
     try:
@@ -32,10 +40,7 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
         if exc.partial:
             raise
         return None
-    (size,) = FRAME_HEADER.unpack(header)
-    if size > MAX_FRAME_BYTES:
-        raise ValueError(f"frame of {size} bytes exceeds the limit")
-    return await reader.readexactly(size)
+    return await reader.readexactly(frame_size(header))
 
 
 class _Writer(Protocol):
@@ -93,16 +98,12 @@ class _Replies(asyncio.Protocol):
         problem = None
         with memoryview(buffer) as view:
             while len(buffer) - offset >= header:
-                (size,) = FRAME_HEADER.unpack_from(buffer, offset)
-                if size > MAX_FRAME_BYTES:
-                    problem = f"a frame of {size} bytes exceeds the limit"
-                    break
-                end = offset + header + size
-                if len(buffer) < end:
-                    break
                 try:
+                    end = offset + header + frame_size(buffer, offset)
+                    if len(buffer) < end:
+                        break
                     envelopes.append(self._codec.decode(view[offset + header : end]))
-                except ValueError as exc:  # msgspec.DecodeError
+                except ValueError as exc:  # too large, or msgspec.DecodeError
                     problem = f"unreadable reply: {exc}"
                     break
                 offset = end

@@ -102,7 +102,7 @@ class AnswerCache:
         )
 
     def put(self, target: str, stamp: Stamp, status: int, body: bytes) -> None:
-        cost = len(body) + len(target) + ENTRY_OVERHEAD
+        cost = _cost(target, body)
         if cost > self.budget:
             return
         if target in self._answers:
@@ -114,7 +114,12 @@ class AnswerCache:
 
     def _remove(self, target: str) -> None:
         _, _, body = self._answers.pop(target)
-        self.size -= len(body) + len(target) + ENTRY_OVERHEAD
+        self.size -= _cost(target, body)
+
+
+def _cost(target: str, body: bytes) -> int:
+    """The bytes an answer counts against the budget."""
+    return len(body) + len(target) + ENTRY_OVERHEAD
 
 
 _Shared = list[tuple[str, tuple[int, int, int, int, int], int, bytes]]

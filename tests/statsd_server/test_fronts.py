@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import http.client
+import json
 import os
 import re
 import signal
@@ -118,6 +120,34 @@ def test_an_answer_goes_to_a_shard_once_for_all_fronts(server_factory: Any) -> N
     samples = scrape(server)
     assert total(samples, "statsd_query_seconds_count", cache="miss") == len(customers)
     assert total(samples, "statsd_query_seconds_count", cache="hit") == 3 * len(customers)
+
+
+def raw(server: Server, method: str, path: str) -> tuple[int, str | None, bytes]:
+    """Status, Content-Type and body bytes exactly as served."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type"), resp.read()
+    finally:
+        conn.close()
+
+
+def test_cached_answers_skip_routing_and_only_for_get(server_factory: Any) -> None:
+    """A GET answered from the cache before routing is byte for byte the routed answer; other
+    methods on a cached target are still routed to their own answers."""
+    server: Server = server_factory(shards=2, STATS_FRONTS="2")
+    server.send_tcp(lines_for("routed", 4))
+    path = f"/customers/routed/stats?from={DAY.isoformat()}"
+    first = raw(server, "GET", path)
+    assert first[:2] == (200, "application/json")
+    assert json.loads(first[2])["summary"]["total_requests"] == 4
+    assert [raw(server, "GET", path) for _ in range(ASKS)] == [first] * ASKS
+    assert total(scrape(server), "statsd_query_seconds_count", cache="hit") == ASKS
+    assert raw(server, "HEAD", path) == (200, "application/json", b"")
+    status, content_type, body = raw(server, "POST", path)
+    assert status == 405 and (content_type or "").startswith("application/json")
+    assert "method not allowed" in json.loads(body)["error"].lower(), body
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections import deque
 from collections.abc import Callable
 
 import msgspec
@@ -30,6 +31,48 @@ def date_to_day(date: dt.date) -> int:
 APPLY_BATCH = 524_288
 # Summaries of ranges kept per customer (each ~300 bytes); past this the customer's are dropped.
 MAX_CACHED_RANGES = 64
+# Grouped batches waiting to be folded in; grouping another first folds the oldest at once,
+# so folding in steps cannot fall behind ingest by more than this.
+MAX_PENDING_FOLDS = 2
+
+
+class _Fold:
+    """Requests grouped by customer-day, sorted by customer, waiting to be folded in.
+
+    Folded a customer at a time (all its days together), in table order by fold_some() or
+    out of order when a query needs that customer now.
+    """
+
+    def __init__(
+        self,
+        customers: list[str],
+        lsn: int,
+        durations: np.ndarray,
+        starts: np.ndarray,
+        group_customer: np.ndarray,
+        group_day: np.ndarray,
+        status: np.ndarray,
+    ) -> None:
+        """`durations` and `status` sorted by customer-day; `starts` where each group starts;
+        the groups' customer (position in `customers`) and day."""
+        self.customers = customers
+        self.lsn = lsn
+        self.durations = durations
+        self.starts: list[int] = starts.tolist()
+        self.ends: list[int] = [*self.starts[1:], len(durations)]
+        self.group_customer: list[int] = group_customer.tolist()
+        self.group_day: list[int] = group_day.tolist()
+        self.successful: list[int] = _group_sums(status < 400, starts)
+        self.client: list[int] = _group_sums((status >= 400) & (status < 500), starts)
+        self.server: list[int] = _group_sums(status >= 500, starts)
+        self.sums: list[float] = np.add.reduceat(durations, starts).tolist()
+        firsts = np.flatnonzero(np.diff(group_customer, prepend=-1)).tolist()
+        lasts = [*firsts[1:], len(self.starts)]
+        # Customer id -> its groups [first, end), for the customers not folded in yet.
+        self.pending: dict[str, tuple[int, int]] = {
+            customers[self.group_customer[g]]: (g, end)
+            for g, end in zip(firsts, lasts, strict=True)
+        }
 
 
 class ShardStore:
@@ -50,8 +93,11 @@ class ShardStore:
         self._queued_newest = NO_DAY
         self._queued_lsn = 0
         self._queued_new: set[str] = set()  # customers first seen in queued batches
-        # Called when a batch lands in an empty queue (the shard schedules a flush).
+        self._folds: deque[_Fold] = deque()
+        # Called when a batch lands in an empty queue (the shard groups it once ingest is
+        # quiet), and when queued batches were grouped (the shard folds them in steps).
         self.on_queued: Callable[[], None] | None = None
+        self.on_grouped: Callable[[], None] | None = None
         # Encoded figures of days, and of ranges' summaries, queried since they last changed.
         self._json: dict[tuple[str, int], bytes] = {}
         self._summaries: dict[str, dict[tuple[int, int], bytes]] = {}
@@ -85,6 +131,10 @@ class ShardStore:
     @property
     def queued_batches(self) -> int:
         return len(self._queue)
+
+    @property
+    def folds_pending(self) -> int:
+        return len(self._folds)
 
     @property
     def customers_held(self) -> int:
@@ -129,17 +179,61 @@ class ShardStore:
         self._queued_newest = max(self._queued_newest, newest_day)
         self._queued_lsn = max(self._queued_lsn, lsn)
         if self._queued_lines >= APPLY_BATCH:
-            self.flush()
+            self.group_queued()
         return Applied(stored=len(batch.day))
 
-    def flush(self) -> None:
-        """Apply every queued batch as one."""
+    def group_queued(self) -> None:
+        """Group every queued batch as one fold, to be folded in by fold_some() or flush()."""
         if not self._queue:
             return
         queue, newest, lsn = self._queue, self._queued_newest, self._queued_lsn
         self._queue, self._queued_lines, self._queued_newest = [], 0, NO_DAY
-        self._queued_lsn, self._queued_new = 0, set()
-        self.apply(concat_batches(queue), newest, lsn)
+        self._queued_lsn = 0
+        while len(self._folds) >= MAX_PENDING_FOLDS:
+            self._fold_all(self._folds.popleft())
+        fold = self._group(concat_batches(queue), newest, lsn)
+        if fold is not None:
+            self._folds.append(fold)
+            if self.on_grouped is not None:
+                self.on_grouped()
+        self._settle()
+
+    def fold_some(self, groups: int) -> bool:
+        """Fold in whole customers of grouped batches, about `groups` customer-days in all;
+        whether grouped batches remain."""
+        while self._folds and groups > 0:
+            fold = self._folds[0]
+            if not fold.pending:
+                self._folds.popleft()
+                continue
+            first, end = fold.pending.pop(next(iter(fold.pending)))
+            self._fold_groups(fold, first, end)
+            groups -= end - first
+        while self._folds and not self._folds[0].pending:
+            self._folds.popleft()
+        self._settle()
+        return bool(self._folds)
+
+    def flush(self) -> None:
+        """Fold in everything queued or grouped, now."""
+        self.group_queued()
+        while self._folds:
+            self._fold_all(self._folds.popleft())
+        self._settle()
+
+    def _catch_up(self, customer_id: str) -> None:
+        """Fold in everything queued or grouped for one customer, now."""
+        self.group_queued()
+        for fold in self._folds:
+            groups = fold.pending.pop(customer_id, None)
+            if groups is not None:
+                self._fold_groups(fold, *groups)
+
+    def _settle(self) -> None:
+        # With nothing left to fold in, customers only ever seen in requests dropped for
+        # retention are not held.
+        if not self._queue and not self._folds:
+            self._queued_new = set()
 
     def apply(self, batch: Batch, newest_day: int, lsn: int = 0) -> None:
         """Fold a batch of requests into the aggregates, one sketch update per customer-day.
@@ -149,6 +243,18 @@ class ShardStore:
         replayed from the write-ahead log (`lsn` > 0) skips the customer-days that already
         hold it: those restored from a snapshot taken after the batch was applied.
         """
+        fold = self._group(batch, newest_day, lsn)
+        if fold is not None:
+            self._fold_all(fold)
+
+    def _fold_all(self, fold: _Fold) -> None:
+        for first, end in fold.pending.values():
+            self._fold_groups(fold, first, end)
+        fold.pending.clear()
+
+    def _group(self, batch: Batch, newest_day: int, lsn: int) -> _Fold | None:
+        """The batch's requests within retention grouped by customer-day, with each group's
+        counts and sum; None if none is left."""
         self.advance(newest_day)
         customers, customer, day, status, duration = batch
         if len(day) and self.newest_day != NO_DAY:
@@ -162,47 +268,60 @@ class ShardStore:
                 )
         n = len(day)
         if n == 0:
-            return
+            return None
         first_day = int(day.min())
         span = int(day.max()) - first_day + 1
         key = customer.astype(np.int64) * span + (day.astype(np.int64) - first_day)
-        order = np.argsort(key, kind="stable")
+        order = _stable_order(key)
         key = key[order]
         status = status[order]
         durations = duration[order]
         starts = np.flatnonzero(np.diff(key, prepend=np.int64(-1)))
-        ends = np.append(starts[1:], n)
-        successful = np.add.reduceat((status < 400).astype(np.int64), starts)
-        client = np.add.reduceat(((status >= 400) & (status < 500)).astype(np.int64), starts)
-        server = np.add.reduceat((status >= 500).astype(np.int64), starts)
-        sums = np.add.reduceat(durations, starts)
         group_key = key[starts]
-        group_customer = (group_key // span).tolist()
-        group_day = (group_key % span + first_day).tolist()
+        return _Fold(
+            customers,
+            lsn,
+            durations,
+            starts,
+            group_key // span,
+            group_key % span + first_day,
+            status,
+        )
 
+    def _fold_groups(self, fold: _Fold, first: int, end: int) -> None:
+        """Fold groups [first, end) of a fold in: one sketch update per customer-day."""
         config = self.config
         dirty = self._dirty
         encoded = self._json
         summaries = self._summaries
-        for g, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-            customer_id = customers[group_customer[g]]
+        held = self.customers
+        cutoff = self.cutoff_day  # retention may have moved on since the batch was grouped
+        lsn = fold.lsn
+        group_customer, group_day, durations = fold.group_customer, fold.group_day, fold.durations
+        starts, ends = fold.starts, fold.ends
+        for g in range(first, end):
             d = group_day[g]
-            days = self.customers.get(customer_id)
+            if d < cutoff:
+                continue
+            customer_id = fold.customers[group_customer[g]]
+            days = held.get(customer_id)
             if days is None:
-                days = self.customers[customer_id] = {}
+                days = held[customer_id] = {}
+                self._queued_new.discard(customer_id)
             agg = days.get(d)
             if agg is None:
                 agg = days[d] = DayAggregate(config)
             elif agg.lsn >= lsn > 0:
                 continue
             agg.lsn = lsn
+            start, stop = starts[g], ends[g]
             agg.add(
-                end - start,
-                int(successful[g]),
-                int(client[g]),
-                int(server[g]),
-                float(sums[g]),
-                durations[start:end],
+                stop - start,
+                fold.successful[g],
+                fold.client[g],
+                fold.server[g],
+                fold.sums[g],
+                durations[start:stop],
             )
             dirty.add((customer_id, d))
             encoded.pop((customer_id, d), None)
@@ -220,7 +339,7 @@ class ShardStore:
         Without extra quantiles, each day's figures and each range's summary are encoded once
         and reused until the customer's data changes.
         """
-        self.flush()
+        self._catch_up(customer_id)
         days = self.customers.get(customer_id)
         if days is None:
             return None
@@ -305,3 +424,20 @@ class ShardStore:
             if row.day >= cutoff:
                 self.customers.setdefault(row.customer_id, {})[row.day] = row.aggregate(self.config)
         return max((row.wal_lsn for row in rows), default=0)
+
+
+def _group_sums(flags: np.ndarray, starts: np.ndarray) -> list[int]:
+    return np.add.reduceat(flags.astype(np.int64), starts).tolist()
+
+
+def _stable_order(key: np.ndarray) -> np.ndarray:
+    """np.argsort(key, kind="stable") of non-negative keys, by radix sort when they fit in
+    32 bits: numpy radix-sorts 16-bit integers only, so two passes of 16 bits (about 10 ms
+    for 500k keys, against 45 ms for the int64 sort on the development VM)."""
+    top = int(key.max()) if len(key) else 0
+    if top < 1 << 16:
+        return np.argsort(key.astype(np.uint16), kind="stable")
+    if top >= 1 << 32:
+        return np.argsort(key, kind="stable")
+    order = np.argsort((key & 0xFFFF).astype(np.uint16), kind="stable")
+    return order[np.argsort((key[order] >> 16).astype(np.uint16), kind="stable")]

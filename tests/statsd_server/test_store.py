@@ -8,7 +8,7 @@ import numpy as np
 
 from sketches import SketchConfig
 from statsd_server.parse import Batch
-from statsd_server.store import ShardStore
+from statsd_server.store import MAX_PENDING_FOLDS, ShardStore, _stable_order
 
 DAY = 20_000  # days since the epoch
 
@@ -91,3 +91,88 @@ def test_made_up_ranges_do_not_grow_the_summary_cache() -> None:
     }
     assert answers == {2}
     assert sum(len(r) for r in store._summaries.values()) <= 64
+
+
+def batch_of(rows: list[tuple[str, int, int, float]]) -> Batch:
+    """A batch of (customer, day, status, seconds) requests."""
+    customers = sorted({r[0] for r in rows})
+    return Batch(
+        customers,
+        np.array([customers.index(r[0]) for r in rows], np.int32),
+        np.array([r[1] for r in rows], np.int32),
+        np.array([r[2] for r in rows], np.int16),
+        np.array([r[3] for r in rows], np.float64),
+    )
+
+
+def test_folding_in_steps_answers_every_query_in_full() -> None:
+    """Grouped batches are folded in a few customers per step; a query in between first
+    folds in its own customer, so each answer counts every request taken, none twice, and
+    equals the answer of a store that folded everything at once."""
+    rng = np.random.default_rng(7)
+    customers = [f"c{i}" for i in range(40)]
+    rows = [
+        (
+            customers[rng.integers(40)],
+            DAY - int(rng.integers(4)),
+            int(rng.choice([200, 404, 503])),
+            float(rng.uniform(0.01, 2.0)),
+        )
+        for _ in range(3000)
+    ]
+    batches = [batch_of(rows[i : i + 750]) for i in range(0, 3000, 750)]
+    totals = {c: sum(r[0] == c for r in rows) for c in customers}
+    server_errors = {c: sum(r[0] == c and r[2] == 503 for r in rows) for c in customers}
+
+    stepped, at_once = (ShardStore(SketchConfig(), retention_days=30) for _ in range(2))
+    stepped.admitted(customers)  # as the shard does when it caps customers
+    for store in (stepped, at_once):
+        for batch in batches:
+            store.enqueue(batch, newest_day=DAY)
+    at_once.flush()
+    stepped.group_queued()
+    assert stepped.folds_pending == 1 and not stepped.customers
+    steps = 0
+    while stepped.fold_some(5):
+        steps += 1
+        assert stepped.customers_held == 40
+        customer = customers[rng.integers(40)]
+        summary = ask(stepped, customer, DAY - 30)["summary"]
+        assert summary["total_requests"] == totals[customer]
+        assert summary["server_errors"] == server_errors[customer]
+    assert steps >= 5  # it did fold in steps
+    assert stepped.folds_pending == 0 and stepped.customers_held == 40
+    for customer in customers:
+        assert stepped.query(customer, DAY - 30, None) == at_once.query(customer, DAY - 30, None)
+
+
+def test_days_that_expire_while_grouped_are_not_folded_in() -> None:
+    """Retention moving on between grouping and folding drops the expired day's requests."""
+    store = ShardStore(SketchConfig(), retention_days=30)
+    store.enqueue(batch_of([("c", DAY - 20, 200, 0.1), ("c", DAY, 200, 0.2)]), newest_day=DAY)
+    store.group_queued()
+    store.advance(DAY + 15)  # keeps DAY - 15 and later
+    while store.fold_some(1):
+        pass
+    assert store.customer_days == 1
+    assert ask(store, "c", DAY - 40)["summary"]["total_requests"] == 1
+
+
+def test_grouping_past_the_pending_limit_folds_in_the_oldest() -> None:
+    """At most MAX_PENDING_FOLDS groupings wait, so folding in steps cannot fall behind."""
+    store = ShardStore(SketchConfig(), retention_days=30)
+    for i in range(MAX_PENDING_FOLDS + 1):
+        store.admitted([f"c{i}"])
+        put(store, f"c{i}", DAY, [0.1])
+        store.group_queued()
+    assert store.folds_pending == MAX_PENDING_FOLDS
+    assert list(store.customers) == ["c0"]
+    assert store.customers_held == MAX_PENDING_FOLDS + 1
+
+
+def test_radix_order_is_the_stable_sort_order() -> None:
+    """Grouping's radix sort orders keys exactly as numpy's stable sort, in all key ranges."""
+    rng = np.random.default_rng(3)
+    for top in (1_000, 1 << 16, 5_000_000, 1 << 40):
+        key = rng.integers(0, top, 100_000).astype(np.int64)
+        assert (_stable_order(key) == np.argsort(key, kind="stable")).all(), top

@@ -15,6 +15,7 @@ own.
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
 from collections.abc import Sequence
@@ -67,6 +68,7 @@ class LatencyStats(msgspec.Struct, kw_only=True, omit_defaults=True):
     quantiles_ms: dict[str, float | None] | None = None
 
 
+@functools.lru_cache(maxsize=1024)
 def quantile_name(q: float) -> str:
     """0.5 -> "p50", 0.999 -> "p99.9"."""
     return "p" + f"{q * 100:.10f}".rstrip("0").rstrip(".")
@@ -303,15 +305,20 @@ def summarize(
     days: Sequence[DayAggregate], extra: Sequence[float] = (), date: str | None = None
 ) -> LatencyStats:
     """The figures of several days together: counters summed, quantiles over all requests."""
-    total = sum(d.total for d in days)
-    server = sum(d.server_errors for d in days)
-    successful = sum(d.successful for d in days)
+    total = successful = client = server = 0
+    duration_sum = 0.0
+    for d in days:
+        total += d.total
+        successful += d.successful
+        client += d.client_errors
+        server += d.server_errors
+        duration_sum += d.duration_sum
     stats = LatencyStats(
         date=date,
         total_requests=total,
         successful_requests=successful,
         failed_requests=total - successful,
-        client_errors=sum(d.client_errors for d in days),
+        client_errors=client,
         server_errors=server,
         uptime_pct=None,
         avg_latency_ms=None,
@@ -324,7 +331,7 @@ def summarize(
         return stats
     days = [d for d in days if d.total]
     stats.uptime_pct = round(100.0 * (total - server) / total, 3)
-    stats.avg_latency_ms = round(sum(d.duration_sum for d in days) / total * 1000.0, 3)
+    stats.avg_latency_ms = round(duration_sum / total * 1000.0, 3)
     errors = {}
     pools: dict[bool, _Pool] = {}
     for q in (0.5, 0.99, *extra):

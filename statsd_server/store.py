@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections import deque
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from statsd_server.parse import Batch, concat_batches
 _EPOCH = dt.date(1970, 1, 1)
 
 
+@functools.lru_cache(maxsize=4096)
 def day_to_date(day: int) -> str:
     return (_EPOCH + dt.timedelta(days=day)).isoformat()
 

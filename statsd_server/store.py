@@ -56,24 +56,28 @@ class _Fold:
         status: np.ndarray,
     ) -> None:
         """`durations` and `status` sorted by customer-day; `starts` where each group starts;
-        the groups' customer (position in `customers`) and day."""
-        self.customers = customers
+        the groups' customer (position in `customers`) and day.
+
+        Per-group figures stay numpy arrays (a fold may hold 512k groups), made lists a
+        customer at a time when folded in.
+        """
         self.lsn = lsn
         self.durations = durations
-        self.starts: list[int] = starts.tolist()
-        self.ends: list[int] = [*self.starts[1:], len(durations)]
-        self.group_customer: list[int] = group_customer.tolist()
-        self.group_day: list[int] = group_day.tolist()
-        self.successful: list[int] = _group_sums(status < 400, starts)
-        self.client: list[int] = _group_sums((status >= 400) & (status < 500), starts)
-        self.server: list[int] = _group_sums(status >= 500, starts)
-        self.sums: list[float] = np.add.reduceat(durations, starts).tolist()
-        firsts = np.flatnonzero(np.diff(group_customer, prepend=-1)).tolist()
-        lasts = [*firsts[1:], len(self.starts)]
+        self.starts = starts
+        self.ends = np.append(starts[1:], len(durations))
+        self.day = group_day
+        self.successful = _group_sums(status < 400, starts)
+        self.client = _group_sums((status >= 400) & (status < 500), starts)
+        self.server = _group_sums(status >= 500, starts)
+        self.sums = np.add.reduceat(durations, starts)
+        firsts = np.flatnonzero(np.diff(group_customer, prepend=-1))
+        lasts = np.append(firsts[1:], len(starts))
         # Customer id -> its groups [first, end), for the customers not folded in yet.
         self.pending: dict[str, tuple[int, int]] = {
-            customers[self.group_customer[g]]: (g, end)
-            for g, end in zip(firsts, lasts, strict=True)
+            customers[c]: (first, end)
+            for c, first, end in zip(
+                group_customer[firsts].tolist(), firsts.tolist(), lasts.tolist(), strict=True
+            )
         }
 
 
@@ -208,8 +212,9 @@ class ShardStore:
             if not fold.pending:
                 self._folds.popleft()
                 continue
-            first, end = fold.pending.pop(next(iter(fold.pending)))
-            self._fold_groups(fold, first, end)
+            customer_id = next(iter(fold.pending))
+            first, end = fold.pending.pop(customer_id)
+            self._fold_in(fold, customer_id, first, end)
             groups -= end - first
         while self._folds and not self._folds[0].pending:
             self._folds.popleft()
@@ -229,7 +234,7 @@ class ShardStore:
         for fold in self._folds:
             groups = fold.pending.pop(customer_id, None)
             if groups is not None:
-                self._fold_groups(fold, *groups)
+                self._fold_in(fold, customer_id, *groups)
 
     def _settle(self) -> None:
         # With nothing left to fold in, customers only ever seen in requests dropped for
@@ -250,8 +255,8 @@ class ShardStore:
             self._fold_all(fold)
 
     def _fold_all(self, fold: _Fold) -> None:
-        for first, end in fold.pending.values():
-            self._fold_groups(fold, first, end)
+        for customer_id, (first, end) in fold.pending.items():
+            self._fold_in(fold, customer_id, first, end)
         fold.pending.clear()
 
     def _group(self, batch: Batch, newest_day: int, lsn: int) -> _Fold | None:
@@ -290,44 +295,43 @@ class ShardStore:
             status,
         )
 
-    def _fold_groups(self, fold: _Fold, first: int, end: int) -> None:
-        """Fold groups [first, end) of a fold in: one sketch update per customer-day."""
+    def _fold_in(self, fold: _Fold, customer_id: str, first: int, end: int) -> None:
+        """Fold in one customer's groups [first, end): one sketch update per customer-day."""
+        days = self.customers.get(customer_id)
+        if days is None:
+            days = self.customers[customer_id] = {}
+            self._queued_new.discard(customer_id)
         config = self.config
         dirty = self._dirty
         encoded = self._json
-        summaries = self._summaries
-        held = self.customers
         cutoff = self.cutoff_day  # retention may have moved on since the batch was grouped
         lsn = fold.lsn
-        group_customer, group_day, durations = fold.group_customer, fold.group_day, fold.durations
-        starts, ends = fold.starts, fold.ends
-        for g in range(first, end):
-            d = group_day[g]
+        durations = fold.durations
+        groups = slice(first, end)
+        for d, start, stop, successful, client, server, duration_sum in zip(
+            fold.day[groups].tolist(),
+            fold.starts[groups].tolist(),
+            fold.ends[groups].tolist(),
+            fold.successful[groups].tolist(),
+            fold.client[groups].tolist(),
+            fold.server[groups].tolist(),
+            fold.sums[groups].tolist(),
+            strict=True,
+        ):
             if d < cutoff:
                 continue
-            customer_id = fold.customers[group_customer[g]]
-            days = held.get(customer_id)
-            if days is None:
-                days = held[customer_id] = {}
-                self._queued_new.discard(customer_id)
             agg = days.get(d)
             if agg is None:
                 agg = days[d] = DayAggregate(config)
             elif agg.lsn >= lsn > 0:
                 continue
             agg.lsn = lsn
-            start, stop = starts[g], ends[g]
-            agg.add(
-                stop - start,
-                fold.successful[g],
-                fold.client[g],
-                fold.server[g],
-                fold.sums[g],
-                durations[start:stop],
-            )
+            agg.add(stop - start, successful, client, server, duration_sum, durations[start:stop])
             dirty.add((customer_id, d))
             encoded.pop((customer_id, d), None)
-            summaries.pop(customer_id, None)
+        self._summaries.pop(customer_id, None)
+        if not days:  # every day of it expired meanwhile
+            del self.customers[customer_id]
 
     def query(
         self,
@@ -428,8 +432,8 @@ class ShardStore:
         return max((row.wal_lsn for row in rows), default=0)
 
 
-def _group_sums(flags: np.ndarray, starts: np.ndarray) -> list[int]:
-    return np.add.reduceat(flags.astype(np.int64), starts).tolist()
+def _group_sums(flags: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    return np.add.reduceat(flags.astype(np.int64), starts)
 
 
 def _stable_order(key: np.ndarray) -> np.ndarray:

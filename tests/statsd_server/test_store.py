@@ -149,13 +149,16 @@ def test_folding_in_steps_answers_every_query_in_full() -> None:
 def test_days_that_expire_while_grouped_are_not_folded_in() -> None:
     """Retention moving on between grouping and folding drops the expired day's requests."""
     store = ShardStore(SketchConfig(), retention_days=30)
-    store.enqueue(batch_of([("c", DAY - 20, 200, 0.1), ("c", DAY, 200, 0.2)]), newest_day=DAY)
+    rows = [("c", DAY - 20, 200, 0.1), ("c", DAY, 200, 0.2), ("gone", DAY - 20, 200, 0.3)]
+    store.enqueue(batch_of(rows), newest_day=DAY)
     store.group_queued()
     store.advance(DAY + 15)  # keeps DAY - 15 and later
     while store.fold_some(1):
         pass
     assert store.customer_days == 1
     assert ask(store, "c", DAY - 40)["summary"]["total_requests"] == 1
+    assert list(store.customers) == ["c"]  # a customer whose every day expired is not held
+    assert store.query("gone", DAY - 40, None) is None
 
 
 def test_grouping_past_the_pending_limit_folds_in_the_oldest() -> None:

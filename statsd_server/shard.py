@@ -246,8 +246,12 @@ class ShardWorker:
 
     def _fold_step(self) -> None:
         self._folding = False
-        if self.store.fold_some(FOLD_STEP):
-            self._fold_in_steps()
+        more = True
+        try:
+            more = self.store.fold_some(FOLD_STEP)
+        finally:  # a failure lost the customer being folded in; go on with the others
+            if more:
+                self._fold_in_steps()
 
     def _spawn(self, coro: Coroutine[None, None, None]) -> None:
         """Run a task from a callback, holding a reference until it is done."""

@@ -33,9 +33,9 @@ def date_to_day(date: dt.date) -> int:
 APPLY_BATCH = 524_288
 # Summaries of ranges kept per customer (each ~300 bytes); past this the customer's are dropped.
 MAX_CACHED_RANGES = 64
-# Grouped batches waiting to be folded in; grouping another first folds the oldest at once,
-# so folding in steps cannot fall behind ingest by more than this.
-MAX_PENDING_FOLDS = 2
+# Requests grouped and waiting to be folded in; grouping more first folds the oldest
+# groupings in at once, so folding in steps cannot fall behind ingest by more than this.
+MAX_PENDING_LINES = 2 * APPLY_BATCH
 
 
 class _Fold:
@@ -62,6 +62,7 @@ class _Fold:
         customer at a time when folded in.
         """
         self.lsn = lsn
+        self.lines = len(durations)
         self.durations = durations
         self.starts = starts
         self.ends = np.append(starts[1:], len(durations))
@@ -192,29 +193,35 @@ class ShardStore:
         """Group every queued batch as one fold, to be folded in by fold_some() or flush()."""
         if not self._queue:
             return
+        while self._folds and (
+            sum(f.lines for f in self._folds) + self._queued_lines > MAX_PENDING_LINES
+        ):
+            self._fold_all(self._folds[0])
+            self._folds.popleft()
         queue, newest, lsn = self._queue, self._queued_newest, self._queued_lsn
         self._queue, self._queued_lines, self._queued_newest = [], 0, NO_DAY
         self._queued_lsn = 0
-        while len(self._folds) >= MAX_PENDING_FOLDS:
-            self._fold_all(self._folds.popleft())
         fold = self._group(concat_batches(queue), newest, lsn)
         if fold is not None:
             self._folds.append(fold)
             if self.on_grouped is not None:
                 self.on_grouped()
-        self._settle()
+        # Admitted customers with nothing left to fold in had every request dropped for
+        # retention: they are not held.
+        folds = self._folds
+        self._queued_new = {c for c in self._queued_new if any(c in f.pending for f in folds)}
 
     def fold_some(self, groups: int) -> bool:
         """Fold in whole customers of grouped batches, about `groups` customer-days in all;
         whether grouped batches remain."""
         while self._folds and groups > 0:
-            fold = self._folds[0]
-            if not fold.pending:
+            pending = self._folds[0].pending
+            if not pending:
                 self._folds.popleft()
                 continue
-            customer_id = next(iter(fold.pending))
-            first, end = fold.pending.pop(customer_id)
-            self._fold_in(fold, customer_id, first, end)
+            customer_id = next(iter(pending))
+            first, end = pending.pop(customer_id)  # first: a failure loses it, not counts twice
+            self._fold_in(self._folds[0], customer_id, first, end)
             groups -= end - first
         while self._folds and not self._folds[0].pending:
             self._folds.popleft()
@@ -225,7 +232,8 @@ class ShardStore:
         """Fold in everything queued or grouped, now."""
         self.group_queued()
         while self._folds:
-            self._fold_all(self._folds.popleft())
+            self._fold_all(self._folds[0])
+            self._folds.popleft()
         self._settle()
 
     def _catch_up(self, customer_id: str) -> None:
@@ -255,9 +263,10 @@ class ShardStore:
             self._fold_all(fold)
 
     def _fold_all(self, fold: _Fold) -> None:
-        for customer_id, (first, end) in fold.pending.items():
-            self._fold_in(fold, customer_id, first, end)
-        fold.pending.clear()
+        pending = fold.pending
+        while pending:
+            customer_id = next(iter(pending))
+            self._fold_in(fold, customer_id, *pending.pop(customer_id))
 
     def _group(self, batch: Batch, newest_day: int, lsn: int) -> _Fold | None:
         """The batch's requests within retention grouped by customer-day, with each group's
@@ -300,7 +309,19 @@ class ShardStore:
         days = self.customers.get(customer_id)
         if days is None:
             days = self.customers[customer_id] = {}
-            self._queued_new.discard(customer_id)
+        try:
+            self._fold_days(fold, customer_id, days, first, end)
+        finally:
+            # Also after a failure part-way: what changed must not be served from caches.
+            self._summaries.pop(customer_id, None)
+            if days:
+                self._queued_new.discard(customer_id)  # held now
+            else:  # every day of it expired meanwhile (it may still have requests waiting)
+                del self.customers[customer_id]
+
+    def _fold_days(
+        self, fold: _Fold, customer_id: str, days: dict[int, DayAggregate], first: int, end: int
+    ) -> None:
         config = self.config
         dirty = self._dirty
         encoded = self._json
@@ -326,12 +347,9 @@ class ShardStore:
             elif agg.lsn >= lsn > 0:
                 continue
             agg.lsn = lsn
-            agg.add(stop - start, successful, client, server, duration_sum, durations[start:stop])
             dirty.add((customer_id, d))
             encoded.pop((customer_id, d), None)
-        self._summaries.pop(customer_id, None)
-        if not days:  # every day of it expired meanwhile
-            del self.customers[customer_id]
+            agg.add(stop - start, successful, client, server, duration_sum, durations[start:stop])
 
     def query(
         self,

@@ -8,7 +8,7 @@ import numpy as np
 
 from sketches import SketchConfig
 from statsd_server.parse import Batch
-from statsd_server.store import MAX_PENDING_FOLDS, ShardStore, _stable_order
+from statsd_server.store import MAX_PENDING_LINES, ShardStore, _stable_order
 
 DAY = 20_000  # days since the epoch
 
@@ -162,15 +162,48 @@ def test_days_that_expire_while_grouped_are_not_folded_in() -> None:
 
 
 def test_grouping_past_the_pending_limit_folds_in_the_oldest() -> None:
-    """At most MAX_PENDING_FOLDS groupings wait, so folding in steps cannot fall behind."""
+    """At most MAX_PENDING_LINES requests wait grouped, so folding in steps cannot fall
+    behind ingest; small groupings (a query groups what is queued) fold nothing at once."""
     store = ShardStore(SketchConfig(), retention_days=30)
-    for i in range(MAX_PENDING_FOLDS + 1):
+    lines = MAX_PENDING_LINES * 2 // 5
+    for i in range(3):
         store.admitted([f"c{i}"])
-        put(store, f"c{i}", DAY, [0.1])
+        put(store, f"c{i}", DAY, np.linspace(0.01, 1.0, lines).tolist())
         store.group_queued()
-    assert store.folds_pending == MAX_PENDING_FOLDS
+    assert store.folds_pending == 2
     assert list(store.customers) == ["c0"]
-    assert store.customers_held == MAX_PENDING_FOLDS + 1
+    assert store.customers_held == 3
+    for _ in range(5):  # a query after each small batch groups it, and leaves c1 and c2 waiting
+        put(store, "small", DAY, [0.1])
+        assert ask(store, "small", DAY)["summary"]["total_requests"] >= 1
+    assert list(store.customers) == ["c0", "small"]
+    assert ask(store, "c2", DAY)["summary"]["total_requests"] == lines
+
+
+def test_customers_held_while_their_requests_wait() -> None:
+    """A customer admitted for the customer cap counts as held while any of its requests
+    waits, and stops counting once all it had were dropped for retention."""
+    store = ShardStore(SketchConfig(), retention_days=30)
+    store.admitted(["c"])
+    store.enqueue(batch_of([("c", DAY - 30, 200, 0.1)]), newest_day=DAY)  # the oldest day kept
+    store.group_queued()
+    store.enqueue(batch_of([("c", DAY, 200, 0.1)]), newest_day=DAY)  # c is admitted already
+    store.advance(DAY + 1)  # its first day expires before it is folded in
+    while store.fold_some(400):
+        pass
+    assert store.customers_held == 1  # its second request still waits in the queue
+    assert ask(store, "c", DAY - 40)["summary"]["total_requests"] == 1
+
+    store.admitted(["gone"])
+    store.enqueue(batch_of([("gone", DAY - 29, 200, 0.1)]), newest_day=DAY + 1)
+    store.advance(DAY + 2)
+    for _ in range(3):  # ingest goes on: the queue never stays empty
+        store.enqueue(batch_of([("c", DAY + 2, 200, 0.1)]), newest_day=DAY + 2)
+        store.group_queued()
+        store.enqueue(batch_of([("c", DAY + 2, 200, 0.1)]), newest_day=DAY + 2)
+        while store.fold_some(400):
+            pass
+    assert store.customers_held == 1
 
 
 def test_radix_order_is_the_stable_sort_order() -> None:

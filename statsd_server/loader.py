@@ -25,8 +25,7 @@ import msgspec
 from tqdm import tqdm
 
 from statsd_server.errors import StatsServerError
-from statsd_server.pieces import PIECE_HEADER
-from statsd_server.summary import IngestSummary, LoadSummary
+from statsd_server.summary import PIECE_HEADER, IngestSummary, LoadSummary
 
 PIECE_BYTES = 4 * 1024 * 1024
 _HASH_BLOCK = 4 * 1024 * 1024

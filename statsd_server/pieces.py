@@ -24,7 +24,6 @@ import numpy as np
 from statsd_server.parse import Batch
 from statsd_server.routing import customer_key
 
-PIECE_HEADER = b"#load-piece "
 MAX_NAME_BYTES = 200
 KEEP_SECONDS = 40 * 86400  # beyond any retention a re-run could still matter for
 MAX_PIECE_BYTES = 64 * 1024 * 1024

@@ -53,7 +53,6 @@ from statsd_server.pieces import (
     KEEP_SECONDS,
     MAX_NAME_BYTES,
     MAX_PIECE_BYTES,
-    PIECE_HEADER,
     LoadedPieces,
     PieceBudget,
 )
@@ -61,7 +60,7 @@ from statsd_server.routing import Router
 from statsd_server.rpc import ShardClient, serve_connection, socket_path
 from statsd_server.shard_counts import ShardCounts
 from statsd_server.store import ShardStore
-from statsd_server.summary import IngestSummary
+from statsd_server.summary import PIECE_HEADER, IngestSummary
 
 log = logging.getLogger(__name__)
 

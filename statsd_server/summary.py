@@ -1,11 +1,15 @@
-"""The ingest summary: the one-line answer to a TCP connection, a POST, or `load`.
+"""The ingest summary: the one-line answer to a TCP connection, a POST, or `load`; and the
+line that opens a `load` piece on a TCP connection (see pieces.py).
 
-Kept apart from the inter-process messages so the `load` client imports no numpy.
+Kept apart from the inter-process messages and the pieces' bookkeeping so the `load` client
+imports no numpy (which would add about 80 ms to every `load`).
 """
 
 from __future__ import annotations
 
 import msgspec
+
+PIECE_HEADER = b"#load-piece "
 
 
 class IngestSummary(msgspec.Struct):

@@ -315,3 +315,11 @@ def test_load_off_a_terminal_prints_only_its_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("error: cannot connect to 127.0.0.1:")
     assert result.stderr.count("\n") == 1
+
+
+def test_the_command_line_imports_no_numpy() -> None:
+    """`load` is timed from the command's start: the CLI and the load client leave numpy
+    (about 80 ms of imports) to the server."""
+    probe = "import sys, statsd_server.cli; print('numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 READ_SIZE = 4 * 1024 * 1024
 # Queued batches are grouped once no new one arrived for this long (so the first query after
 # an ingest burst does not pay for it), and at the latest this long after the first.
-FLUSH_DELAY = 0.05
+QUIET_DELAY = 0.05
 MAX_QUEUE_AGE = 1.0
 # Customer-days folded in per event-loop pass (about 5 us each), so that queries are answered
 # between the steps of folding in a large ingest; a query first folds in its own customer.
@@ -188,7 +188,7 @@ class ShardWorker:
         )
         # The supervisor holds the other end of this pipe; EOF means it is gone.
         loop.add_reader(self._parent.fileno(), self._on_parent_message)
-        self.store.on_queued = self._schedule_flush
+        self.store.on_queued = self._schedule_grouping
         self.store.on_grouped = self._fold_in_steps
         snapshots = asyncio.create_task(self._snapshot_loop())
         self._parent.send(("ready", None))
@@ -224,17 +224,17 @@ class ShardWorker:
             asyncio.get_running_loop().remove_reader(self._parent.fileno())
             self._spawn(self._stop_alone())
 
-    def _schedule_flush(self) -> None:
+    def _schedule_grouping(self) -> None:
         loop = asyncio.get_running_loop()
-        loop.call_later(FLUSH_DELAY, self._flush_when_quiet, loop.time(), self.store.queued_batches)
+        loop.call_later(QUIET_DELAY, self._group_when_quiet, loop.time(), self.store.queued_batches)
 
-    def _flush_when_quiet(self, first_queued: float, seen: int) -> None:
+    def _group_when_quiet(self, first_queued: float, seen: int) -> None:
         queued = self.store.queued_batches
         if not queued:
             return
         loop = asyncio.get_running_loop()
         if queued != seen and loop.time() - first_queued < MAX_QUEUE_AGE:
-            loop.call_later(FLUSH_DELAY, self._flush_when_quiet, first_queued, queued)
+            loop.call_later(QUIET_DELAY, self._group_when_quiet, first_queued, queued)
             return
         self.store.group_queued()
 

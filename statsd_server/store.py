@@ -85,8 +85,10 @@ class _Fold:
 class ShardStore:
     """The customer-days one shard owns, with retention and change tracking for snapshots.
 
-    Batches are queued and applied together once enough have arrived, and always before a
-    query or a snapshot reads the aggregates, so what was acknowledged is what is seen.
+    Batches are queued, grouped by customer-day together once enough have arrived (or the
+    shard calls group_queued()), and folded in a customer at a time (fold_some()). A query
+    first folds in its own customer and a snapshot everything, so what was acknowledged is
+    what is seen.
     """
 
     def __init__(self, config: SketchConfig, retention_days: int) -> None:
@@ -220,7 +222,8 @@ class ShardStore:
                 self._folds.popleft()
                 continue
             customer_id = next(iter(pending))
-            first, end = pending.pop(customer_id)  # first: a failure loses it, not counts twice
+            # Taken off before folding in: a failure loses it rather than counting it twice.
+            first, end = pending.pop(customer_id)
             self._fold_in(self._folds[0], customer_id, first, end)
             groups -= end - first
         while self._folds and not self._folds[0].pending:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
+import numpy.ma  # np.unique imports it on first use (13-85 ms): at start instead
 
 from statsd_server.line_rules import (
     MAX_CUSTOMER_ID_BYTES,

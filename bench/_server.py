@@ -43,13 +43,24 @@ class BenchServer:
                 time.sleep(0.1)
         raise RuntimeError("server did not become ready")
 
+    def _pids(self) -> list[int]:
+        """The supervisor and all its children."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        return [self.proc.pid, *(int(p) for p in children)]
+
+    def cpu_seconds(self) -> dict[int, float]:
+        """CPU time (user + system) used so far by the supervisor and each child, by pid."""
+        tick = os.sysconf("SC_CLK_TCK")
+        used = {}
+        for pid in self._pids():
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            used[pid] = (int(fields[11]) + int(fields[12])) / tick
+        return used
+
     def rss_mb(self) -> float:
         """Resident memory of the supervisor and all its children, in MB."""
-        pids = [self.proc.pid]
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
-        pids += [int(p) for p in children]
         total = 0
-        for pid in pids:
+        for pid in self._pids():
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1])

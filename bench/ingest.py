@@ -74,9 +74,17 @@ def main() -> None:
     server = BenchServer(args.shards, **wal)
     try:
         empty = server.rss_mb()
+        before = server.cpu_seconds()
         took, out = server.load(log, args.connections)
+        used = sorted((t - before.get(pid, 0.0) for pid, t in server.cpu_seconds().items()))
         load_rate = args.lines / took
         print(f"statsd-server load: {load_rate:,.0f} lines/s ({took:.2f} s) {out}")
+        # The kernel spreads the load's connections over the shards by a hash: the busiest
+        # process, the one left parsing at the end, sets the time.
+        print(
+            f"server CPU during the load: {sum(used):.2f} s, the busiest process "
+            f"{used[-1]:.2f} s, the next {used[-2] if len(used) > 1 else 0:.2f} s"
+        )
         time.sleep(SNAPSHOT_INTERVAL + 1)  # a snapshot, after which shards return freed memory
         loaded = server.rss_mb()
         print(

@@ -133,9 +133,10 @@ def raw(server: Server, method: str, path: str) -> tuple[int, str | None, bytes]
         conn.close()
 
 
-def test_cached_answers_skip_routing_and_only_for_get(server_factory: Any) -> None:
-    """A GET answered from the cache before routing is byte for byte the routed answer; other
-    methods on a cached target are still routed to their own answers."""
+def test_cached_answers_skip_routing_and_only_for_get_and_head(server_factory: Any) -> None:
+    """A GET answered from the cache before routing is byte for byte the routed answer, and a
+    HEAD gets its headers; other methods on a cached target are still routed to their own
+    answers."""
     server: Server = server_factory(shards=2, STATS_FRONTS="2")
     server.send_tcp(lines_for("routed", 4))
     path = f"/customers/routed/stats?from={DAY.isoformat()}"
@@ -145,6 +146,15 @@ def test_cached_answers_skip_routing_and_only_for_get(server_factory: Any) -> No
     assert [raw(server, "GET", path) for _ in range(ASKS)] == [first] * ASKS
     assert total(scrape(server), "statsd_query_seconds_count", cache="hit") == ASKS
     assert raw(server, "HEAD", path) == (200, "application/json", b"")
+    # A cached HEAD sends no body: the next request on the connection reads cleanly.
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    try:
+        for method in ("HEAD", "GET"):
+            conn.request(method, path)
+            resp = conn.getresponse()
+            assert (resp.status, resp.read()) == (200, b"" if method == "HEAD" else first[2])
+    finally:
+        conn.close()
     status, content_type, body = raw(server, "POST", path)
     assert status == 405 and (content_type or "").startswith("application/json")
     assert "method not allowed" in json.loads(body)["error"].lower(), body

@@ -264,7 +264,7 @@ class _Pool:
     def __init__(self, days: Sequence[DayAggregate], tail: bool) -> None:
         self.days = days
         self.tail = tail
-        self.exact = all(day._exact is not None for day in days)
+        self.exact = all(day.is_exact for day in days)
         if self.exact and len(days) > 1:
             # Exact days misplace no rank, so they need no items of their own: one sort of all
             # their durations (the common case of a range summary).
@@ -274,13 +274,10 @@ class _Pool:
         self.per_day = [day._items(tail) for day in days]
         if len(self.per_day) == 1:
             self.pooled = self.per_day[0]
-        else:
+        else:  # some day is sketched: its items carry weights
             values = np.concatenate([it.values for it in self.per_day])
-            if all(day.is_exact for day in days):
-                self.pooled = _Items(values, None)
-            else:
-                weights = np.concatenate([it.weights() for it in self.per_day])
-                self.pooled = _Items(values, weights)
+            weights = np.concatenate([it.weights() for it in self.per_day])
+            self.pooled = _Items(values, weights)
 
     def quantile_with_error(self, q: float, total: int) -> tuple[float, float]:
         """The nearest-rank q-quantile and its relative error bound."""

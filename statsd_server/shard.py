@@ -65,8 +65,10 @@ from statsd_server.summary import PIECE_HEADER, IngestSummary
 log = logging.getLogger(__name__)
 
 READ_SIZE = 4 * 1024 * 1024
-# Queued batches are grouped once no new one arrived for this long (so the first query after
-# an ingest burst does not pay for it), and at the latest this long after the first.
+# Queued batches are grouped once, for this long, no new one arrived and this shard parsed
+# nothing (so the first query after an ingest burst does not pay for it), and at the latest
+# this long after the first. Not mid-burst: folding in costs mostly per customer-day, so a
+# grouping of a few requests per customer-day costs about as much as one of many.
 QUIET_DELAY = 0.05
 MAX_QUEUE_AGE = 1.0
 # Customer-days folded in per event-loop pass (about 5 us each), so that queries are answered
@@ -144,6 +146,7 @@ class ShardWorker:
         self._background: set[asyncio.Task[None]] = set()
         self._peers: set[asyncio.StreamWriter] = set()
         self._folding = False
+        self._parsed_at = 0.0  # loop time this shard last parsed ingest bytes
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -233,7 +236,9 @@ class ShardWorker:
         if not queued:
             return
         loop = asyncio.get_running_loop()
-        if queued != seen and loop.time() - first_queued < MAX_QUEUE_AGE:
+        now = loop.time()
+        quiet = queued == seen and now - self._parsed_at >= QUIET_DELAY
+        if not quiet and now - first_queued < MAX_QUEUE_AGE:
             loop.call_later(QUIET_DELAY, self._group_when_quiet, first_queued, queued)
             return
         self.store.group_queued()
@@ -406,6 +411,7 @@ class ShardWorker:
             while True:
                 if data:
                     await session.feed(data)
+                    self._parsed_at = asyncio.get_running_loop().time()
                 try:
                     data = await asyncio.wait_for(
                         reader.read(READ_SIZE), self.settings.idle_timeout

@@ -76,6 +76,7 @@ class IngestSession:
         self._piece_bytes = 0
         self.duplicates = 0
         self._label = process
+        self._m_parsed = metrics.INGEST_BYTES_PARSED.labels(process)
         self._router = router
         self._dispatcher = dispatcher
         self._newest_day = newest_day
@@ -93,6 +94,12 @@ class IngestSession:
 
     async def feed(self, data: bytes) -> None:
         """Take more bytes; complete lines are parsed and sent on in batches."""
+        self.take(data)
+        await self.send_full()
+
+    def take(self, data: bytes) -> None:
+        """Parse the complete lines of more bytes and hold them for their shards: the CPU
+        part of feed(), which waits for nothing."""
         if self._piece:
             self._piece_bytes += len(data)
             if self._piece_bytes > min(MAX_PIECE_BYTES, self._piece_expected):
@@ -100,10 +107,20 @@ class IngestSession:
                     f"load piece longer than announced ({self._piece_expected} bytes; at most"
                     f" {MAX_PIECE_BYTES})"
                 )
+        self._m_parsed.inc(len(data))
         chunk = self._framer.feed(data)
         if chunk:
-            await self._process(chunk)
-        if self._pending and self._idle_timer is None and not self._piece:
+            self._process(chunk)
+
+    async def send_full(self) -> None:
+        """Send on the requests held for each shard that has a batch's worth (not those of
+        a load piece, sent whole at its end); the rest within IDLE_FLUSH."""
+        if self._piece:
+            return
+        for shard, lines in list(self._pending_lines.items()):
+            if lines >= SEND_BATCH:
+                await self._dispatch(shard)
+        if self._pending and self._idle_timer is None:
             # Started once, not pushed back by every read: a stream that never pauses still
             # has its lines sent on within IDLE_FLUSH.
             self._idle_timer = asyncio.get_running_loop().call_later(IDLE_FLUSH, self._on_idle)
@@ -117,7 +134,7 @@ class IngestSession:
             )
         rest = self._framer.finish()
         if rest:
-            await self._process(rest)
+            self._process(rest)
         await self._flush()
         await self._wait_in_flight()
         if self._errors:
@@ -146,7 +163,7 @@ class IngestSession:
         while self._in_flight:
             await asyncio.gather(*list(self._in_flight), return_exceptions=True)
 
-    async def _process(self, data: bytes) -> None:
+    def _process(self, data: bytes) -> None:
         if self._errors:
             raise self._errors[0]
         parsed = parse_chunk(data)
@@ -157,9 +174,7 @@ class IngestSession:
         self._reject(parsed.rejected)
         for shard, part in self._router.split(parsed).items():
             self._pending.setdefault(shard, []).append(part.batch())
-            lines = self._pending_lines[shard] = self._pending_lines.get(shard, 0) + len(part)
-            if lines >= SEND_BATCH and not self._piece:
-                await self._dispatch(shard)
+            self._pending_lines[shard] = self._pending_lines.get(shard, 0) + len(part)
 
     async def _dispatch(self, shard: int) -> None:
         """Send the requests collected for one shard as one batch."""

@@ -6,6 +6,7 @@ Columns travel as raw little-endian array bytes; sketches never leave their shar
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import msgspec
 import numpy as np
@@ -62,6 +63,23 @@ class Applied(msgspec.Struct, tag="applied", array_like=True):
     duplicate: int = 0  # of a load piece this server already applied
 
 
+class IngestPiece(msgspec.Struct, tag="ingest_piece", array_like=True):
+    """A load piece (statsd_server.pieces) another shard received: parse it, send its
+    requests to their owners and answer as the client is to be answered. Its bytes are in a
+    file the sender removes once answered (through the socket, megabytes would take many
+    event-loop passes of both shards)."""
+
+    piece: str
+    size: int  # as the piece's header announced it
+    path: str
+
+
+class PieceIngested(msgspec.Struct, tag="piece_ingested", array_like=True):
+    """The answer to an IngestPiece: the client's one-line answer (a summary, or an error)."""
+
+    answer: dict[str, Any]
+
+
 class StatsQuery(msgspec.Struct, tag="stats", array_like=True):
     customer_id: str
     first_day: int
@@ -109,6 +127,8 @@ class ErrorReply(msgspec.Struct, tag="error", array_like=True):
 Body = (
     ApplyBatch
     | Applied
+    | IngestPiece
+    | PieceIngested
     | StatsQuery
     | StatsReply
     | Ping

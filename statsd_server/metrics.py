@@ -37,6 +37,16 @@ LINES_REJECTED = Counter(
     "Lines rejected, by reason and by the process that judged them (a shard or the front).",
     ["reason", "process"],
 )
+INGEST_BYTES_PARSED = Counter(
+    "statsd_ingest_bytes_parsed_total",
+    "Ingest bytes parsed, by the process that parsed them (a shard or the front).",
+    ["process"],
+)
+LOAD_PIECES_HANDED = Counter(
+    "statsd_load_pieces_handed_total",
+    "Load pieces a shard received and another shard parsed, by the receiving shard.",
+    ["shard"],
+)
 BATCHES = Counter("statsd_ingest_batches_total", "Batches taken by the owning shard.", ["shard"])
 WAL_FSYNC = Histogram(
     "statsd_wal_fsync_seconds", "Write-ahead log fsync latency.", ["shard"], buckets=_SECONDS

@@ -42,7 +42,10 @@ class PieceRow(NamedTuple):
 class PieceBudget:
     """Bytes of pieces one process holds at once. A piece reserves its announced size before
     its bytes are read, and waits, unread (TCP pushes back on the client), until there is
-    room; a reservation is always for a whole piece, so held pieces can always complete."""
+    room; a reservation is always for a whole piece, so held pieces can always complete.
+    A piece handed over by another shard does not wait (that shard holds its own
+    reservation, and two shards waiting on each other would never go on): it is taken only
+    if there is room at once."""
 
     def __init__(self, capacity: int = PROCESS_PIECE_BYTES) -> None:
         self._free = capacity
@@ -56,9 +59,19 @@ class PieceBudget:
         try:
             yield
         finally:
-            async with self._changed:
-                self._free += size
-                self._changed.notify_all()
+            await self.release(size)
+
+    def try_reserve(self, size: int) -> bool:
+        """Reserve `size` if there is room now, without waiting; release() it after."""
+        if self._free < size:
+            return False
+        self._free -= size
+        return True
+
+    async def release(self, size: int) -> None:
+        async with self._changed:
+            self._free += size
+            self._changed.notify_all()
 
 
 class LoadedPieces:

@@ -2,20 +2,22 @@
 
 Every shard accepts ingest connections on the shared TCP port (each has its own
 SO_REUSEPORT socket, so the kernel spreads connections), parses what it receives, applies
-its own customers' requests in-process and sends the rest to their owners. Queries and
-batches from other processes arrive on the shard's Unix socket.
+its own customers' requests in-process and sends the rest to their owners. The kernel's
+spread is uneven, so a shard hands `load` pieces to the other shards to parse, in turn.
+Queries, batches and pieces from other processes arrive on the shard's Unix socket.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -30,7 +32,7 @@ from statsd_server import logs, metrics
 from statsd_server.changes import ChangeCounters
 from statsd_server.config import LISTEN_BACKLOG, Settings
 from statsd_server.errors import PieceError, ShardUnavailable, SnapshotError
-from statsd_server.ingest import Dispatcher, IngestSession
+from statsd_server.ingest import APPLY_TIMEOUT, Dispatcher, IngestSession
 from statsd_server.memory import release_free_memory
 from statsd_server.messages import (
     Applied,
@@ -40,6 +42,8 @@ from statsd_server.messages import (
     Drain,
     Drained,
     ErrorReply,
+    IngestPiece,
+    PieceIngested,
     Ping,
     Pong,
     Shutdown,
@@ -65,6 +69,11 @@ from statsd_server.summary import PIECE_HEADER, IngestSummary
 log = logging.getLogger(__name__)
 
 READ_SIZE = 4 * 1024 * 1024
+# Ingest is parsed a slice of about this size at a time (15 ms on the development VM), and a
+# shard's connections take turns, a slice each, with a pass of the event loop after each:
+# batches from other shards, write-ahead log acknowledgements and queries wait for one slice,
+# not for a read of every open connection.
+PARSE_SLICE = 1024 * 1024
 # Queued batches are grouped once, for this long, no new one arrived and this shard parsed
 # nothing (so the first query after an ingest burst does not pay for it), and at the latest
 # this long after the first. Not mid-burst: folding in costs mostly per customer-day, so a
@@ -77,6 +86,9 @@ FOLD_STEP = 400
 SNAPSHOT_SLICE = 500
 # How long open ingest connections may take to finish when the server stops.
 DRAIN_GRACE = 10.0
+# A shard parsing a piece handed over sends its parts to the owners, each send with up to
+# APPLY_TIMEOUT; this leaves the parse and its turns as much again.
+HAND_OVER_TIMEOUT = 2 * APPLY_TIMEOUT
 
 
 def run(
@@ -133,9 +145,14 @@ class ShardWorker:
         self._counts = ShardCounts(runtime_dir / "shard_counts", index)
         self._pieces = LoadedPieces(index, settings.shards)
         self._piece_budget = PieceBudget()
+        # Bytes of load pieces this shard received and gave each shard to parse.
+        self._handed = [0] * settings.shards
+        self._handover_files = itertools.count()
+        self._draining = False
         label = str(index)
         self._m_accepted = metrics.LINES_ACCEPTED.labels(label)
         self._m_batches = metrics.BATCHES.labels(label)
+        self._m_handed = metrics.LOAD_PIECES_HANDED.labels(label)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-{index}")
         self._db: SnapshotDB | None = None
         self._ingest_tasks: set[asyncio.Task[None]] = set()
@@ -147,6 +164,7 @@ class ShardWorker:
         self._peers: set[asyncio.StreamWriter] = set()
         self._folding = False
         self._parsed_at = 0.0  # loop time this shard last parsed ingest bytes
+        self._parse_turn = asyncio.Lock()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -183,9 +201,16 @@ class ShardWorker:
         # What the fronts cached from an earlier process of this shard is not trusted.
         self._changes.bump_generation(self.index)
 
+        # Pieces an earlier process of this shard died handing over.
+        for stale in self._runtime_dir.glob(f"piece-{self.index}-*"):
+            stale.unlink(missing_ok=True)
         path = socket_path(self._runtime_dir, self.index)
         path.unlink(missing_ok=True)
-        unix_server = await asyncio.start_unix_server(self._serve_peer, path=str(path))
+        # Reads are not paused every 128 KB (the default limit's): a batch of megabytes
+        # arrives in one pass of the event loop, not one per 128 KB.
+        unix_server = await asyncio.start_unix_server(
+            self._serve_peer, path=str(path), limit=READ_SIZE
+        )
         self._tcp_server = await asyncio.start_server(
             self._serve_ingest, sock=self._tcp_sock, limit=READ_SIZE, backlog=LISTEN_BACKLOG
         )
@@ -272,6 +297,7 @@ class ShardWorker:
 
     async def _drain(self) -> None:
         """Stop accepting ingest connections; give open ones a grace period to finish."""
+        self._draining = True  # and pieces handed over (the other shard parses them itself)
         if self._tcp_server is not None:
             self._tcp_server.close()
         if self._ingest_tasks:
@@ -381,7 +407,12 @@ class ShardWorker:
                 name, size = piece or ("", 0)
                 # A piece waits, unread, until its whole size fits in this process's budget.
                 async with self._piece_budget.reserved(size):
-                    answer = await self._ingest_stream(reader, data, name, size)
+                    parser = self._piece_parser(size) if piece else self.index
+                    if parser == self.index:
+                        chunks = self._received(reader, data, bool(piece))
+                        answer = await self._ingest_stream(chunks, name, size)
+                    else:
+                        answer = await self._hand_over(reader, data, name, size, parser)
             writer.write(msgspec.json.encode(answer) + b"\n")
             await writer.drain()
         except (ConnectionError, asyncio.CancelledError):
@@ -393,10 +424,98 @@ class ShardWorker:
     def _idle_message(self) -> str:
         return f"idle timeout: nothing received for {self.settings.idle_timeout:g}s"
 
-    async def _ingest_stream(
-        self, reader: asyncio.StreamReader, data: bytes, piece: str, piece_bytes: int
+    def _piece_parser(self, size: int) -> int:
+        """The shard to parse a load piece this shard received: the one it has given the
+        fewest bytes so far, itself on a tie.
+
+        The kernel spreads a load's connections over the shards by a hash, often 17 to 11;
+        this way each shard parses an even share of every shard's pieces, and no shard is left
+        parsing alone at the end of a load.
+        """
+        handed = self._handed
+        parser = min(range(len(handed)), key=lambda shard: (handed[shard], shard != self.index))
+        handed[parser] += size
+        return parser
+
+    async def _received(
+        self, reader: asyncio.StreamReader, data: bytes, piece: bool
+    ) -> AsyncGenerator[bytes, None]:
+        """A connection's bytes until its end. TimeoutError when nothing came for the idle
+        timeout; PieceError instead for a load piece, as it is applied whole or not at all."""
+        idle = self.settings.idle_timeout
+        try:
+            if data:
+                yield data
+            while data := await asyncio.wait_for(reader.read(READ_SIZE), idle):
+                yield data
+        except TimeoutError:
+            if piece:
+                raise PieceError(self._idle_message() + "; none of the piece applied") from None
+            raise
+
+    async def _hand_over(
+        self, reader: asyncio.StreamReader, data: bytes, piece: str, size: int, parser: int
     ) -> dict[str, object]:
-        """Feed a connection's bytes through a session; the answer: summary or error."""
+        """Have shard `parser` parse and apply a load piece, through a file in the runtime
+        directory; the client's answer.
+
+        If that shard cannot (down, stopping, no room, no answer), this one parses the piece
+        from the file: the owners drop what they already took of a piece, so nothing counts
+        twice even if the other shard got part of the way.
+        """
+        name = f"piece-{self.index}-{os.getpid()}-{next(self._handover_files)}"
+        path = self._runtime_dir / name
+        try:
+            with open(path, "xb") as file:
+                held = 0
+                async with contextlib.aclosing(self._received(reader, data, True)) as chunks:
+                    async for chunk in chunks:
+                        file.write(chunk)
+                        held += len(chunk)
+                        if held > size:  # the parser refuses it, saying why
+                            break
+            message = IngestPiece(piece, size, str(path))
+            try:
+                reply = await self._clients[parser].request(message, HAND_OVER_TIMEOUT)
+                if not isinstance(reply, PieceIngested):
+                    raise ShardUnavailable(parser, f"unexpected reply {type(reply).__name__}")
+            except ShardUnavailable as exc:
+                log.warning("%s; parsing the load piece here", exc)
+                return await self._ingest_stream(_one(path.read_bytes()), piece, size)
+            self._m_handed.inc()
+            return reply.answer
+        except PieceError as exc:
+            return {"error": str(exc)}
+        except ConnectionError:  # the client went away
+            raise
+        except OSError as exc:  # writing or reading the file
+            log.error("ingest connection failed: %s", exc)
+            return {"error": f"cannot hold the load piece: {exc}"}
+        finally:
+            path.unlink(missing_ok=True)
+
+    async def _parse_handed(self, body: IngestPiece) -> Body:
+        """Parse and apply a load piece another shard received (see _hand_over). Refused,
+        for that shard to parse it itself, while this one stops or has no room for it."""
+        if self._draining:
+            return ErrorReply(message="stopping")
+        if not self._piece_budget.try_reserve(body.size):
+            return ErrorReply(message="no room for another load piece")
+        task = asyncio.current_task()
+        assert task is not None
+        self._ingest_tasks.add(task)  # drained like this shard's own connections
+        try:
+            # A page-cache read, about 1 ms per 4 MB (the loader's piece size): no thread.
+            chunks = _one(Path(body.path).read_bytes())
+            return PieceIngested(await self._ingest_stream(chunks, body.piece, body.size))
+        finally:
+            self._ingest_tasks.discard(task)
+            await self._piece_budget.release(body.size)
+
+    async def _ingest_stream(
+        self, chunks: AsyncIterator[bytes], piece: str, piece_bytes: int
+    ) -> dict[str, object]:
+        """Feed a stream's bytes through a session; the answer: summary or error."""
         session = IngestSession(
             self._router,
             self._dispatcher,
@@ -408,24 +527,13 @@ class ShardWorker:
         )
         closing: dict[str, object] = {}
         try:
-            while True:
-                if data:
-                    await session.feed(data)
-                    self._parsed_at = asyncio.get_running_loop().time()
-                try:
-                    data = await asyncio.wait_for(
-                        reader.read(READ_SIZE), self.settings.idle_timeout
-                    )
-                except TimeoutError:
-                    if piece:  # a piece is applied whole or not at all
-                        raise PieceError(
-                            self._idle_message() + "; none of the piece applied"
-                        ) from None
-                    # Like an end of stream: what was sent is applied and summarised.
-                    closing = {"error": self._idle_message()}
-                    break
-                if not data:
-                    break
+            try:
+                async for data in chunks:
+                    await self._feed(session, data)
+                    del data  # a whole piece, handed over: not held while it is sent on
+            except TimeoutError:
+                # Like an end of stream: what was sent is applied and summarised.
+                closing = {"error": self._idle_message()}
             summary = await session.finish()
         except ConnectionError:  # the client went away
             await session.abort()
@@ -442,6 +550,18 @@ class ShardWorker:
         if piece:
             answer["already_loaded"] = session.duplicates
         return answer
+
+    async def _feed(self, session: IngestSession, data: bytes) -> None:
+        """Parse bytes a slice per turn (see PARSE_SLICE); full batches are sent on between
+        turns (a send can wait for the owners, and other connections go on parsing)."""
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(data), PARSE_SLICE):
+            async with self._parse_turn:
+                session.take(data[start : start + PARSE_SLICE])
+                self._parsed_at = loop.time()
+                # The turn ends after a pass of the event loop: no other slice in that pass.
+                await asyncio.sleep(0)
+            await session.send_full()
 
     async def _read_piece_header(
         self, reader: asyncio.StreamReader
@@ -557,7 +677,7 @@ class ShardWorker:
             return StatsReply(known=answer is not None, body=answer or b"")
         if isinstance(body, Ping):
             return Pong(self.index, len(self.store.customers), self.store.customer_days)
-        if isinstance(body, ApplyBatch | Drain | Shutdown):
+        if isinstance(body, ApplyBatch | IngestPiece | Drain | Shutdown):
             return None
         return ErrorReply(message=f"unexpected request {type(body).__name__}")
 
@@ -565,6 +685,8 @@ class ShardWorker:
         if isinstance(body, ApplyBatch):
             batch = Batch(body.customers, *body.columns())
             return await self._accept(batch, body, body.piece)
+        if isinstance(body, IngestPiece):
+            return await self._parse_handed(body)
         if isinstance(body, Drain):
             await self._drain()
             return Drained()
@@ -575,6 +697,10 @@ class ShardWorker:
             # Stop after the reply is on its way, whether or not the snapshot worked.
             asyncio.get_running_loop().call_later(0.05, self._stopped.set)
         return ShutdownDone()
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 # -- the write-ahead log at start ------------------------------------------------------------

@@ -23,7 +23,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from statsd_server.summary import PIECE_HEADER
 from tests.conftest import ROOT, Server
+from tests.statsd_server.test_durability import lines_for, totals
+from tests.statsd_server.test_observability import scrape, total
 
 CUSTOMERS = [
     "cust_1",
@@ -379,6 +382,31 @@ def test_load_command_sums_parallel_connections(server_factory: Any, tmp_path: P
     status, got = server.get(stats_path("cust_7", "2000-01-01"))
     assert status == 200
     assert got["summary"]["total_requests"] == sum(m[4] == "cust_7" for m in good)
+
+
+@pytest.mark.slow
+def test_load_pieces_are_parsed_evenly_by_the_shards(server_factory: Any) -> None:
+    """A shard parses every other load piece it receives and hands the rest, whole, to the
+    other shard: 16 pieces of equal size are parsed 8 and 8 however the kernel spreads their
+    connections (at least 7 handed over), and every request counts once."""
+    server: Server = server_factory(shards=2)
+    customers = [f"piece_{i:02d}" for i in range(16)]
+    bodies = [lines_for(customer, 300) for customer in customers]
+    size = len(bodies[0])
+    assert all(len(body) == size for body in bodies)
+    for i, body in enumerate(bodies):
+        answer = server.send_tcp(PIECE_HEADER + f"even{i}:0 {size}\n".encode() + body)
+        assert answer == {
+            "accepted": 300,
+            "rejected": 0,
+            "rejected_by_reason": {},
+            "already_loaded": 0,
+        }
+    samples = scrape(server)
+    parsed = [total(samples, "statsd_ingest_bytes_parsed_total", process=p) for p in "01"]
+    assert parsed == [8 * size, 8 * size]
+    assert total(samples, "statsd_load_pieces_handed_total") >= 7
+    assert totals(server, customers) == dict.fromkeys(customers, 300)
 
 
 @pytest.mark.slow

@@ -79,8 +79,8 @@ def main() -> None:
         used = sorted((t - before.get(pid, 0.0) for pid, t in server.cpu_seconds().items()))
         load_rate = args.lines / took
         print(f"statsd-server load: {load_rate:,.0f} lines/s ({took:.2f} s) {out}")
-        # The kernel spreads the load's connections over the shards by a hash: the busiest
-        # process, the one left parsing at the end, sets the time.
+        # The busiest process sets the time: the shards even out their parsing (they hand
+        # load pieces to each other), and an uneven split shows here.
         print(
             f"server CPU during the load: {sum(used):.2f} s, the busiest process "
             f"{used[-1]:.2f} s, the next {used[-2] if len(used) > 1 else 0:.2f} s"

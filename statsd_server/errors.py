@@ -19,6 +19,11 @@ class PieceError(StatsServerError):
     """A resumable-load piece that cannot be taken (bad header, too large)."""
 
 
+class IdleStream(StatsServerError):
+    """Nothing came on an ingest connection for the idle timeout (the stream's end, for a
+    plain stream of lines)."""
+
+
 class ShardUnavailable(StatsServerError):
     """A shard process did not answer."""
 

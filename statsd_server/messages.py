@@ -80,6 +80,13 @@ class PieceIngested(msgspec.Struct, tag="piece_ingested", array_like=True):
     answer: dict[str, Any]
 
 
+class PieceRefused(msgspec.Struct, tag="piece_refused", array_like=True):
+    """The answer to an IngestPiece not even started (the shard is stopping, or has no room
+    for it): the sender parses the piece itself."""
+
+    reason: str
+
+
 class StatsQuery(msgspec.Struct, tag="stats", array_like=True):
     customer_id: str
     first_day: int
@@ -129,6 +136,7 @@ Body = (
     | Applied
     | IngestPiece
     | PieceIngested
+    | PieceRefused
     | StatsQuery
     | StatsReply
     | Ping

@@ -50,6 +50,7 @@ class PieceBudget:
     def __init__(self, capacity: int = PROCESS_PIECE_BYTES) -> None:
         self._free = capacity
         self._changed = asyncio.Condition()
+        self._waking: set[asyncio.Future[None]] = set()
 
     @contextlib.asynccontextmanager
     async def reserved(self, size: int) -> AsyncIterator[None]:
@@ -59,7 +60,7 @@ class PieceBudget:
         try:
             yield
         finally:
-            await self.release(size)
+            self.release(size)
 
     def try_reserve(self, size: int) -> bool:
         """Reserve `size` if there is room now, without waiting; release() it after."""
@@ -68,9 +69,16 @@ class PieceBudget:
         self._free -= size
         return True
 
-    async def release(self, size: int) -> None:
+    def release(self, size: int) -> None:
+        """Give room back at once (so a cancelled holder cannot lose it); the waiters are
+        woken on a following pass of the event loop."""
+        self._free += size
+        waking = asyncio.ensure_future(self._wake_waiters())
+        self._waking.add(waking)
+        waking.add_done_callback(self._waking.discard)
+
+    async def _wake_waiters(self) -> None:
         async with self._changed:
-            self._free += size
             self._changed.notify_all()
 
 

@@ -31,7 +31,7 @@ from sketches import SketchConfig
 from statsd_server import logs, metrics
 from statsd_server.changes import ChangeCounters
 from statsd_server.config import LISTEN_BACKLOG, Settings
-from statsd_server.errors import PieceError, ShardUnavailable, SnapshotError
+from statsd_server.errors import IdleStream, PieceError, ShardUnavailable, SnapshotError
 from statsd_server.ingest import APPLY_TIMEOUT, Dispatcher, IngestSession
 from statsd_server.memory import release_free_memory
 from statsd_server.messages import (
@@ -44,6 +44,7 @@ from statsd_server.messages import (
     ErrorReply,
     IngestPiece,
     PieceIngested,
+    PieceRefused,
     Ping,
     Pong,
     Shutdown,
@@ -409,8 +410,9 @@ class ShardWorker:
                 async with self._piece_budget.reserved(size):
                     parser = self._piece_parser(size) if piece else self.index
                     if parser == self.index:
-                        chunks = self._received(reader, data, bool(piece))
-                        answer = await self._ingest_stream(chunks, name, size)
+                        received = self._received(reader, data, bool(piece))
+                        async with contextlib.aclosing(received) as chunks:
+                            answer = await self._ingest_stream(chunks, name, size)
                     else:
                         answer = await self._hand_over(reader, data, name, size, parser)
             writer.write(msgspec.json.encode(answer) + b"\n")
@@ -440,7 +442,7 @@ class ShardWorker:
     async def _received(
         self, reader: asyncio.StreamReader, data: bytes, piece: bool
     ) -> AsyncGenerator[bytes, None]:
-        """A connection's bytes until its end. TimeoutError when nothing came for the idle
+        """A connection's bytes until its end. IdleStream when nothing came for the idle
         timeout; PieceError instead for a load piece, as it is applied whole or not at all."""
         idle = self.settings.idle_timeout
         try:
@@ -451,7 +453,7 @@ class ShardWorker:
         except TimeoutError:
             if piece:
                 raise PieceError(self._idle_message() + "; none of the piece applied") from None
-            raise
+            raise IdleStream from None
 
     async def _hand_over(
         self, reader: asyncio.StreamReader, data: bytes, piece: str, size: int, parser: int
@@ -459,9 +461,11 @@ class ShardWorker:
         """Have shard `parser` parse and apply a load piece, through a file in the runtime
         directory; the client's answer.
 
-        If that shard cannot (down, stopping, no room, no answer), this one parses the piece
-        from the file: the owners drop what they already took of a piece, so nothing counts
-        twice even if the other shard got part of the way.
+        If that shard refuses it before starting (stopping, no room), this one parses it from
+        the file. If that shard fails or does not answer, the client gets an error: the
+        other shard may have applied part of the piece, and a re-run of the load is safe
+        (the owners drop what they already took of a piece), while parsing it here would
+        report that part as already loaded.
         """
         name = f"piece-{self.index}-{os.getpid()}-{next(self._handover_files)}"
         path = self._runtime_dir / name
@@ -475,16 +479,22 @@ class ShardWorker:
                         if held > size:  # the parser refuses it, saying why
                             break
             message = IngestPiece(piece, size, str(path))
-            try:
-                reply = await self._clients[parser].request(message, HAND_OVER_TIMEOUT)
-                if not isinstance(reply, PieceIngested):
-                    raise ShardUnavailable(parser, f"unexpected reply {type(reply).__name__}")
-            except ShardUnavailable as exc:
-                log.warning("%s; parsing the load piece here", exc)
+            reply = await self._clients[parser].request(message, HAND_OVER_TIMEOUT)
+            if isinstance(reply, PieceRefused):
+                log.info(
+                    "shard %d refused a load piece (%s); parsing it here", parser, reply.reason
+                )
+                self._handed[parser] -= size
+                self._handed[self.index] += size
                 return await self._ingest_stream(_one(path.read_bytes()), piece, size)
+            if not isinstance(reply, PieceIngested):
+                raise ShardUnavailable(parser, f"unexpected reply {type(reply).__name__}")
             self._m_handed.inc()
             return reply.answer
         except PieceError as exc:
+            return {"error": str(exc)}
+        except ShardUnavailable as exc:
+            log.error("ingest connection failed: %s", exc)
             return {"error": str(exc)}
         except ConnectionError:  # the client went away
             raise
@@ -498,9 +508,9 @@ class ShardWorker:
         """Parse and apply a load piece another shard received (see _hand_over). Refused,
         for that shard to parse it itself, while this one stops or has no room for it."""
         if self._draining:
-            return ErrorReply(message="stopping")
+            return PieceRefused("stopping")
         if not self._piece_budget.try_reserve(body.size):
-            return ErrorReply(message="no room for another load piece")
+            return PieceRefused("no room for another load piece")
         task = asyncio.current_task()
         assert task is not None
         self._ingest_tasks.add(task)  # drained like this shard's own connections
@@ -510,7 +520,7 @@ class ShardWorker:
             return PieceIngested(await self._ingest_stream(chunks, body.piece, body.size))
         finally:
             self._ingest_tasks.discard(task)
-            await self._piece_budget.release(body.size)
+            self._piece_budget.release(body.size)
 
     async def _ingest_stream(
         self, chunks: AsyncIterator[bytes], piece: str, piece_bytes: int
@@ -531,7 +541,7 @@ class ShardWorker:
                 async for data in chunks:
                     await self._feed(session, data)
                     del data  # a whole piece, handed over: not held while it is sent on
-            except TimeoutError:
+            except IdleStream:
                 # Like an end of stream: what was sent is applied and summarised.
                 closing = {"error": self._idle_message()}
             summary = await session.finish()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +16,7 @@ from typing import Any
 import pytest
 
 from statsd_server.loader import PIECE_BYTES, split_at_lines
+from statsd_server.summary import PIECE_HEADER
 from tests.conftest import ROOT, Server
 from tests.statsd_server.test_durability import kill_everything, lines_for, totals
 
@@ -167,6 +170,47 @@ def test_a_piece_cut_short_or_too_long_is_not_applied(server_factory: Any) -> No
     assert whole["accepted"] == 100 and whole["already_loaded"] == 0
     assert send(len(body), body)["already_loaded"] == 100
     assert totals(server, ["pc"]) == {"pc": 100}
+
+
+@pytest.mark.slow
+def test_pieces_arriving_as_the_server_stops_are_applied_whole(server_factory: Any) -> None:
+    """Pieces still arriving when a graceful stop begins are finished and answered, those
+    handed to a shard that is already stopping too: it refuses them, and the shard that
+    received them parses them itself. After a restart every line is there once."""
+    server: Server = server_factory(shards=2)
+    customers = [f"stop_{i}" for i in range(3)]
+    bodies = [lines_for(customer, 200) for customer in customers]
+    # On 2 shards one of them receives two of the three: it hands the second one over.
+    socks = []
+    for i, body in enumerate(bodies):
+        sock = socket.create_connection(("127.0.0.1", server.tcp_port), timeout=60)
+        sock.sendall(PIECE_HEADER + f"stop{i}:0 {len(body)}\n".encode() + body[:1000])
+        socks.append(sock)
+    time.sleep(1)  # the shards have read the headers and chosen who parses each piece
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while True:  # the shards stop accepting connections as they start to drain
+        try:
+            socket.create_connection(("127.0.0.1", server.tcp_port), timeout=1).close()
+        except ConnectionRefusedError:
+            break
+        assert time.monotonic() < deadline, "the shards did not start to drain"
+        time.sleep(0.05)
+    answers = []
+    for sock, body in zip(socks, bodies, strict=True):
+        with sock:
+            sock.sendall(body[1000:])
+            sock.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        answers.append(json.loads(reply))
+    assert server.proc.wait(60) == 0
+    assert [answer["accepted"] for answer in answers] == [200, 200, 200], answers
+    assert "refused a load piece (stopping); parsing it here" in server.log()
+    server.start()
+    assert totals(server, customers) == dict.fromkeys(customers, 200)
 
 
 @pytest.mark.slow

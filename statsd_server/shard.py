@@ -486,7 +486,7 @@ class ShardWorker:
                 )
                 self._handed[parser] -= size
                 self._handed[self.index] += size
-                return await self._ingest_stream(_one(path.read_bytes()), piece, size)
+                return await self._ingest_file(path, piece, size)
             if not isinstance(reply, PieceIngested):
                 raise ShardUnavailable(parser, f"unexpected reply {type(reply).__name__}")
             self._m_handed.inc()
@@ -515,12 +515,15 @@ class ShardWorker:
         assert task is not None
         self._ingest_tasks.add(task)  # drained like this shard's own connections
         try:
-            # A page-cache read, about 1 ms per 4 MB (the loader's piece size): no thread.
-            chunks = _one(Path(body.path).read_bytes())
-            return PieceIngested(await self._ingest_stream(chunks, body.piece, body.size))
+            return PieceIngested(await self._ingest_file(Path(body.path), body.piece, body.size))
         finally:
             self._ingest_tasks.discard(task)
             self._piece_budget.release(body.size)
+
+    async def _ingest_file(self, path: Path, piece: str, size: int) -> dict[str, object]:
+        """Parse and apply a load piece held in a file (see _hand_over); the answer."""
+        # A page-cache read, about 1 ms per 4 MB (the loader's piece size): no thread.
+        return await self._ingest_stream(_one(path.read_bytes()), piece, size)
 
     async def _ingest_stream(
         self, chunks: AsyncIterator[bytes], piece: str, piece_bytes: int

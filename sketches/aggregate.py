@@ -259,18 +259,12 @@ class DayAggregate:
 
 
 class _Pool:
-    """The days' items for one family (tail or body), pooled for quantiles and error bounds."""
+    """The days' items for one family (tail or body), pooled for quantiles and error bounds,
+    when some day is sketched (summarize() reads days that are all exact itself)."""
 
     def __init__(self, days: Sequence[DayAggregate], tail: bool) -> None:
         self.days = days
         self.tail = tail
-        self.exact = all(day.is_exact for day in days)
-        if self.exact and len(days) > 1:
-            # Exact days misplace no rank, so they need no items of their own: one sort of all
-            # their durations (the common case of a range summary).
-            self.per_day: list[_Items] = []
-            self.pooled = _Items(np.concatenate([day._exact for day in days]), None)
-            return
         self.per_day = [day._items(tail) for day in days]
         if len(self.per_day) == 1:
             self.pooled = self.per_day[0]
@@ -282,8 +276,6 @@ class _Pool:
     def quantile_with_error(self, q: float, total: int) -> tuple[float, float]:
         """The nearest-rank q-quantile and its relative error bound."""
         value = self.pooled.quantile(q)
-        if self.exact:
-            return value, 0.0
         # Each sketched day may misplace ranks by up to its bound; add them up in requests.
         misplaced = sum(
             day.total * day._rank_error(self.tail, it.rank(value))
@@ -310,42 +302,56 @@ def summarize(
         client += d.client_errors
         server += d.server_errors
         duration_sum += d.duration_sum
-    stats = LatencyStats(
+    if total == 0:
+        return LatencyStats(
+            date=date,
+            total_requests=0,
+            successful_requests=0,
+            failed_requests=0,
+            client_errors=0,
+            server_errors=0,
+            uptime_pct=None,
+            avg_latency_ms=None,
+            median_latency_ms=None,
+            p99_latency_ms=None,
+            quantile_error={},
+            quantiles_ms={quantile_name(q): None for q in extra} if extra else None,
+        )
+    days = [d for d in days if d.total]
+    ms: dict[str, float] = {}
+    errors: dict[str, float] = {}
+    if all(d._exact is not None for d in days):
+        # The common case (days of at most k requests): one sort, every figure exact.
+        if len(days) == 1:
+            pooled = days[0]._items(False)
+        else:
+            pooled = _Items(np.concatenate([d._exact for d in days]), None)
+        for q in (0.5, 0.99, *extra):
+            name = quantile_name(q)
+            ms[name] = round(pooled.quantile(q) * 1000.0, 3)
+            errors[name] = 0.0
+    else:
+        pools: dict[bool, _Pool] = {}
+        for q in (0.5, 0.99, *extra):
+            tail = q >= TAIL_FROM
+            pool = pools.get(tail)
+            if pool is None:
+                pool = pools[tail] = _Pool(days, tail)
+            value, error = pool.quantile_with_error(q, total)
+            name = quantile_name(q)
+            ms[name] = round(value * 1000.0, 3)
+            errors[name] = round(error, 6)
+    return LatencyStats(
         date=date,
         total_requests=total,
         successful_requests=successful,
         failed_requests=total - successful,
         client_errors=client,
         server_errors=server,
-        uptime_pct=None,
-        avg_latency_ms=None,
-        median_latency_ms=None,
-        p99_latency_ms=None,
-        quantile_error={},
-        quantiles_ms={quantile_name(q): None for q in extra} if extra else None,
+        uptime_pct=round(100.0 * (total - server) / total, 3),
+        avg_latency_ms=round(duration_sum / total * 1000.0, 3),
+        median_latency_ms=ms["p50"],
+        p99_latency_ms=ms["p99"],
+        quantile_error=errors,
+        quantiles_ms={quantile_name(q): ms[quantile_name(q)] for q in extra} if extra else None,
     )
-    if total == 0:
-        return stats
-    days = [d for d in days if d.total]
-    stats.uptime_pct = round(100.0 * (total - server) / total, 3)
-    stats.avg_latency_ms = round(duration_sum / total * 1000.0, 3)
-    errors = {}
-    pools: dict[bool, _Pool] = {}
-    for q in (0.5, 0.99, *extra):
-        tail = q >= TAIL_FROM
-        pool = pools.get(tail)
-        if pool is None:
-            pool = pools[tail] = _Pool(days, tail)
-        value, error = pool.quantile_with_error(q, total)
-        name = quantile_name(q)
-        errors[name] = round(error, 6)
-        ms = round(value * 1000.0, 3)
-        if q == 0.5:
-            stats.median_latency_ms = ms
-        elif q == 0.99:
-            stats.p99_latency_ms = ms
-        if q in extra:
-            assert stats.quantiles_ms is not None
-            stats.quantiles_ms[name] = ms
-    stats.quantile_error = errors
-    return stats

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
 
@@ -82,6 +83,21 @@ class _Fold:
         }
 
 
+class _Answers:
+    """One customer's days in order, with their encoded figures and the encoded summaries
+    of ranges asked for: built by its first query, dropped when its data changes or a day of
+    it expires. A query is then two bisections and a join."""
+
+    __slots__ = ("aggs", "days", "fragments", "summaries")
+
+    def __init__(self, days: list[int], aggs: list[DayAggregate], fragments: list[bytes]) -> None:
+        self.days = days
+        self.aggs = aggs
+        self.fragments = fragments
+        # (first, end) positions in `days` -> encoded summary of those days.
+        self.summaries: dict[tuple[int, int], bytes] = {}
+
+
 class ShardStore:
     """The customer-days one shard owns, with retention and change tracking for snapshots.
 
@@ -107,9 +123,10 @@ class ShardStore:
         # quiet), and when queued batches were grouped (the shard folds them in steps).
         self.on_queued: Callable[[], None] | None = None
         self.on_grouped: Callable[[], None] | None = None
-        # Encoded figures of days, and of ranges' summaries, queried since they last changed.
+        # Encoded figures of days queried since they last changed (kept when another day of
+        # the customer changes), and what queries of each customer read (see _Answers).
         self._json: dict[tuple[str, int], bytes] = {}
-        self._summaries: dict[str, dict[tuple[int, int], bytes]] = {}
+        self._answers: dict[str, _Answers] = {}
         self._encode = msgspec.json.Encoder().encode
 
     @property
@@ -133,7 +150,7 @@ class ShardStore:
                 del days[day]
                 self._dirty.discard((customer_id, day))
                 self._json.pop((customer_id, day), None)
-                self._summaries.pop(customer_id, None)
+                self._answers.pop(customer_id, None)
             if not days:
                 del self.customers[customer_id]
 
@@ -316,7 +333,7 @@ class ShardStore:
             self._fold_days(fold, customer_id, days, first, end)
         finally:
             # Also after a failure part-way: what changed must not be served from caches.
-            self._summaries.pop(customer_id, None)
+            self._answers.pop(customer_id, None)
             if days:
                 self._queued_new.discard(customer_id)  # held now
             else:  # every day of it expired meanwhile (it may still have requests waiting)
@@ -370,20 +387,23 @@ class ShardStore:
         days = self.customers.get(customer_id)
         if days is None:
             return None
-        selected = sorted(d for d in days if d >= first_day and (last_day is None or d <= last_day))
-        aggs = [days[d] for d in selected]
         encode = self._encode
         if extra_quantiles:
+            selected = sorted(
+                d for d in days if d >= first_day and (last_day is None or d <= last_day)
+            )
+            aggs = [days[d] for d in selected]
             fragments = [
                 encode(agg.stats(day_to_date(d), extra_quantiles))
                 for d, agg in zip(selected, aggs, strict=True)
             ]
             summary = encode(summarize(aggs, extra_quantiles))
         else:
-            fragments = [
-                self._day_json(customer_id, d, agg) for d, agg in zip(selected, aggs, strict=True)
-            ]
-            summary = self._summary_json(customer_id, selected, aggs)
+            answers = self._answers.get(customer_id) or self._read_answers(customer_id, days)
+            first = bisect_left(answers.days, first_day)
+            end = len(answers.days) if last_day is None else bisect_right(answers.days, last_day)
+            fragments = answers.fragments[first:end]
+            summary = self._summary_json(answers, first, end)
         head = encode(
             {
                 "customer_id": customer_id,
@@ -395,27 +415,31 @@ class ShardStore:
             (head[:-1], b',"days":[', b",".join(fragments), b'],"summary":', summary, b"}")
         )
 
-    def _summary_json(
-        self, customer_id: str, selected: list[int], aggs: list[DayAggregate]
-    ) -> bytes:
-        # Keyed by the days the range selects (all of the customer's days between the first
-        # and the last), not by the query's dates, so made-up ranges cannot grow the cache.
-        if not selected:
-            return self._encode(summarize(aggs))
-        ranges = self._summaries.setdefault(customer_id, {})
-        key = (selected[0], selected[-1])
+    def _read_answers(self, customer_id: str, days: dict[int, DayAggregate]) -> _Answers:
+        """A customer's _Answers, with every day's figures encoded (or found encoded)."""
+        order = sorted(days)
+        aggs = [days[d] for d in order]
+        encoded = self._json
+        fragments = []
+        for d, agg in zip(order, aggs, strict=True):
+            key = (customer_id, d)
+            fragment = encoded.get(key)
+            if fragment is None:
+                fragment = encoded[key] = self._encode(agg.stats(day_to_date(d)))
+            fragments.append(fragment)
+        answers = self._answers[customer_id] = _Answers(order, aggs, fragments)
+        return answers
+
+    def _summary_json(self, answers: _Answers, first: int, end: int) -> bytes:
+        # Keyed by the days the range selects (positions in the customer's days), not by the
+        # query's dates, so made-up ranges cannot grow the cache.
+        ranges = answers.summaries
+        key = (first, end)
         cached = ranges.get(key)
         if cached is None:
             if len(ranges) >= MAX_CACHED_RANGES:
                 ranges.clear()
-            cached = ranges[key] = self._encode(summarize(aggs))
-        return cached
-
-    def _day_json(self, customer_id: str, day: int, agg: DayAggregate) -> bytes:
-        key = (customer_id, day)
-        cached = self._json.get(key)
-        if cached is None:
-            cached = self._json[key] = self._encode(agg.stats(day_to_date(day)))
+            cached = ranges[key] = self._encode(summarize(answers.aggs[first:end]))
         return cached
 
     def take_dirty(self) -> list[tuple[str, int]]:

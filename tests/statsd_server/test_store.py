@@ -90,7 +90,7 @@ def test_made_up_ranges_do_not_grow_the_summary_cache() -> None:
         for i in range(2000)
     }
     assert answers == {2}
-    assert sum(len(r) for r in store._summaries.values()) <= 64
+    assert sum(len(a.summaries) for a in store._answers.values()) <= 64
 
 
 def batch_of(rows: list[tuple[str, int, int, float]]) -> Batch:

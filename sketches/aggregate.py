@@ -318,29 +318,28 @@ def summarize(
             quantiles_ms={quantile_name(q): None for q in extra} if extra else None,
         )
     days = [d for d in days if d.total]
-    ms: dict[str, float] = {}
+    found: list[float] = []  # milliseconds, for 0.5, 0.99 and then each extra quantile
     errors: dict[str, float] = {}
+    quantiles = (0.5, 0.99, *extra)
     if all(d._exact is not None for d in days):
         # The common case (days of at most k requests): one sort, every figure exact.
         if len(days) == 1:
             pooled = days[0]._items(False)
         else:
             pooled = _Items(np.concatenate([d._exact for d in days]), None)
-        for q in (0.5, 0.99, *extra):
-            name = quantile_name(q)
-            ms[name] = round(pooled.quantile(q) * 1000.0, 3)
-            errors[name] = 0.0
+        for q in quantiles:
+            found.append(round(pooled.quantile(q) * 1000.0, 3))
+            errors[quantile_name(q)] = 0.0
     else:
         pools: dict[bool, _Pool] = {}
-        for q in (0.5, 0.99, *extra):
+        for q in quantiles:
             tail = q >= TAIL_FROM
             pool = pools.get(tail)
             if pool is None:
                 pool = pools[tail] = _Pool(days, tail)
             value, error = pool.quantile_with_error(q, total)
-            name = quantile_name(q)
-            ms[name] = round(value * 1000.0, 3)
-            errors[name] = round(error, 6)
+            found.append(round(value * 1000.0, 3))
+            errors[quantile_name(q)] = round(error, 6)
     return LatencyStats(
         date=date,
         total_requests=total,
@@ -350,8 +349,12 @@ def summarize(
         server_errors=server,
         uptime_pct=round(100.0 * (total - server) / total, 3),
         avg_latency_ms=round(duration_sum / total * 1000.0, 3),
-        median_latency_ms=ms["p50"],
-        p99_latency_ms=ms["p99"],
+        median_latency_ms=found[0],
+        p99_latency_ms=found[1],
         quantile_error=errors,
-        quantiles_ms={quantile_name(q): ms[quantile_name(q)] for q in extra} if extra else None,
+        quantiles_ms=(
+            {quantile_name(q): value for q, value in zip(extra, found[2:], strict=True)}
+            if extra
+            else None
+        ),
     )

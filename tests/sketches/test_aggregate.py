@@ -121,6 +121,23 @@ def test_summary_of_exact_days_is_exact(groups: list[list[int]]) -> None:
     assert s.quantile_error == {"p50": 0.0, "p99": 0.0}
 
 
+@pytest.mark.parametrize("sketched", [False, True])
+def test_extra_quantiles_named_like_p50_or_p99_leave_the_median_and_p99_alone(
+    sketched: bool,
+) -> None:
+    """0.5000000000001 is named "p50" (10 decimals) but is another rank: the median and the
+    p99 are still those of 0.5 and 0.99."""
+    durations = np.arange(1, 201 if not sketched else 20_001) / 1000
+    day = build(np.full(len(durations), 200), durations)
+    plain = summarize([day])
+    odd = summarize([day], [0.5000000000001, 0.9900000000001])
+    assert odd.median_latency_ms == plain.median_latency_ms
+    assert odd.p99_latency_ms == plain.p99_latency_ms
+    if not sketched:
+        assert (plain.median_latency_ms, plain.p99_latency_ms) == (100.0, 198.0)
+        assert odd.quantiles_ms == {"p50": 101.0, "p99": 199.0}
+
+
 def test_summary_is_deterministic_and_single_day_matches_the_day() -> None:
     """Busy days summarize to the same answer every time; one day summarizes to itself."""
     days = [build(np.full(50_000, 200), lognormal(50_000, i)) for i in range(5)]

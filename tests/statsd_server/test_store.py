@@ -93,6 +93,21 @@ def test_made_up_ranges_do_not_grow_the_summary_cache() -> None:
     assert sum(len(a.summaries) for a in store._answers.values()) <= 64
 
 
+def test_a_query_encodes_only_the_days_it_answers_with() -> None:
+    """A sketched day takes about 1.5 ms to encode: asking for the last day must not pay for
+    the customer's other days, and asking for all of them later still gets every day."""
+    store = ShardStore(SketchConfig(), retention_days=30)
+    for d in range(5):
+        put(store, "c", DAY + d, [0.1 * (d + 1)])
+    assert [day["date"] for day in ask(store, "c", DAY + 4)["days"]] == ["2024-10-08"]
+    assert set(store._json) == {("c", DAY + 4)}
+    answer = ask(store, "c", DAY + 1, DAY + 3)
+    assert [day["median_latency_ms"] for day in answer["days"]] == [200.0, 300.0, 400.0]
+    assert answer["summary"]["total_requests"] == 3
+    assert len(ask(store, "c", DAY)["days"]) == 5
+    assert set(store._json) == {("c", DAY + d) for d in range(5)}
+
+
 def batch_of(rows: list[tuple[str, int, int, float]]) -> Batch:
     """A batch of (customer, day, status, seconds) requests."""
     customers = sorted({r[0] for r in rows})

@@ -383,8 +383,8 @@ class ShardStore:
     ) -> bytes | None:
         """The stats response body (JSON) for days in [first_day, last_day]; None if unknown.
 
-        Without extra quantiles, each day's figures and each range's summary are encoded once
-        and reused until the customer's data changes.
+        Without extra quantiles, each day's figures are encoded once and reused until that day
+        changes, and each range's summary until the customer's data changes.
         """
         self._catch_up(customer_id)
         days = self.customers.get(customer_id)
@@ -419,7 +419,8 @@ class ShardStore:
         )
 
     def _read_answers(self, customer_id: str, days: dict[int, DayAggregate]) -> _Answers:
-        """A customer's _Answers, with the figures of its days encoded already."""
+        """A customer's _Answers, holding those of its days' figures that are encoded already
+        (the others are encoded when a query asks for them)."""
         order = sorted(days)
         encoded = self._json
         answers = self._answers[customer_id] = _Answers(

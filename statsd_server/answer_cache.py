@@ -32,7 +32,8 @@ from statsd_server.changes import ChangeCounters
 from statsd_server.newest_day import NewestDay
 
 # Bytes of bookkeeping per answer besides its body and target: the ordered dict's node and
-# slot, the tuples, the stamp's ints, two object headers (measured: about 450).
+# slot, the entry's tuple and ints, two object headers (measured: about 450 with the stamp a
+# tuple of its own; some 60 less since it is part of the entry, so this errs high).
 ENTRY_OVERHEAD = 450
 # Datagrams of shared answers stay under this (they must fit the sockets' buffers); an
 # answer that alone would not fit is not shared.
@@ -57,7 +58,10 @@ class AnswerCache:
         self._newest_day = newest_day
         self.budget = budget
         self.size = 0
-        self._answers: OrderedDict[str, tuple[Stamp, int, bytes]] = OrderedDict()
+        # Each answer as one plain tuple of ints and bytes: the garbage collector stops
+        # tracking those, so a full cache costs its collections nothing (a NamedTuple inside
+        # would keep both tracked: two objects per answer to traverse in every full pass).
+        self._answers: OrderedDict[str, _Entry] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._answers)
@@ -80,19 +84,24 @@ class AnswerCache:
         cached = self._answers.get(target)
         if cached is None:
             return None
-        stamp, status, body = cached
-        if not self.current(stamp):
+        generation_index, generation, customer_index, version, newest_day, status, body = cached
+        if not self._current(generation_index, generation, customer_index, version, newest_day):
             self._remove(target)
             return None
         return status, body
 
     def current(self, stamp: Stamp) -> bool:
         """Whether nothing the stamp was read from has changed since."""
+        return self._current(*stamp)
+
+    def _current(
+        self, generation_index: int, generation: int, customer_index: int, version: int, day: int
+    ) -> bool:
         read = self._changes.read
         return (
-            read(stamp.customer_index) == stamp.version
-            and read(stamp.generation_index) == stamp.generation
-            and self._newest_day.get() == stamp.newest_day
+            read(customer_index) == version
+            and read(generation_index) == generation
+            and self._newest_day.get() == day
         )
 
     def well_formed(self, stamp: Stamp) -> bool:
@@ -109,11 +118,11 @@ class AnswerCache:
             self._remove(target)
         while self.size + cost > self.budget:
             self._remove(next(iter(self._answers)))
-        self._answers[target] = (stamp, status, body)
+        self._answers[target] = (*stamp, status, body)
         self.size += cost
 
     def _remove(self, target: str) -> None:
-        _, _, body = self._answers.pop(target)
+        body = self._answers.pop(target)[-1]
         self.size -= _cost(target, body)
 
 
@@ -122,6 +131,7 @@ def _cost(target: str, body: bytes) -> int:
     return len(body) + len(target) + ENTRY_OVERHEAD
 
 
+_Entry = tuple[int, int, int, int, int, int, bytes]  # a Stamp's fields, status, body
 _Shared = list[tuple[str, tuple[int, int, int, int, int], int, bytes]]
 SHAREABLE_STATUSES = (200, 404)
 

@@ -30,6 +30,7 @@ from statsd_server.idempotency import HEADER as IDEMPOTENCY_HEADER
 from statsd_server.idempotency import IdempotencyKeys, key_problem
 from statsd_server.ingest import Dispatcher, IngestSession
 from statsd_server.line_rules import customer_id_problem
+from statsd_server.memory import freeze_startup_objects
 from statsd_server.messages import Codec, Ping, StatsQuery, StatsReply
 from statsd_server.newest_day import NewestDay
 from statsd_server.responses import error_response as _error
@@ -416,6 +417,7 @@ async def _serve(
 
     loop.add_reader(parent.fileno(), parent_message)
     log.info("pid %d: serving HTTP", os.getpid())
+    freeze_startup_objects()
     parent.send(("ready", None))
     await stop.wait()
     # Stop listening, let POSTs in flight finish (their shards are still up), then close.

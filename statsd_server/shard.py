@@ -33,7 +33,7 @@ from statsd_server.changes import ChangeCounters
 from statsd_server.config import LISTEN_BACKLOG, Settings
 from statsd_server.errors import IdleStream, PieceError, ShardUnavailable, SnapshotError
 from statsd_server.ingest import APPLY_TIMEOUT, Dispatcher, IngestSession
-from statsd_server.memory import release_free_memory
+from statsd_server.memory import freeze_startup_objects, release_free_memory
 from statsd_server.messages import (
     Applied,
     ApplyBatch,
@@ -174,6 +174,7 @@ class ShardWorker:
             self._executor, self._db.load, self.index, self.settings.shards
         )
         last_lsn = self.store.restore(rows, NO_DAY if newest is None else newest)
+        del rows  # the aggregates are built: the rows' blobs are not needed
         self._pieces.restore(await loop.run_in_executor(self._executor, self._db.load_pieces))
         log.info(
             "pid %d: restored %d customer-days of %d customers from %s",
@@ -220,6 +221,7 @@ class ShardWorker:
         self.store.on_queued = self._schedule_grouping
         self.store.on_grouped = self._fold_in_steps
         snapshots = asyncio.create_task(self._snapshot_loop())
+        freeze_startup_objects()
         self._parent.send(("ready", None))
 
         await self._stopped.wait()

@@ -397,9 +397,7 @@ class ShardWorker:
                 log.debug("snapshot: %d customer-days", len(rows))
                 # After an ingest burst, not per batch: it takes a few ms (off the loop thread;
                 # ctypes releases the GIL during the call).
-                await asyncio.get_running_loop().run_in_executor(
-                    self._executor, release_free_memory
-                )
+                await loop.run_in_executor(self._executor, release_free_memory)
 
     def _publish_sizes(self) -> None:
         label = str(self.index)

@@ -33,6 +33,7 @@ LEGACY_KLL_KIND = "kll_doubles"  # KLL alone, written before REQ was added
 ERROR_STD_DEVS = 3
 TAIL_FROM = 0.5  # quantiles at or above this come from REQ, below from KLL
 _LENGTH = struct.Struct(">I")
+_NO_DURATIONS = np.zeros(0, dtype=np.float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,18 +142,33 @@ class DayAggregate:
         "total",
     )
 
-    def __init__(self, config: SketchConfig) -> None:
+    def __init__(
+        self,
+        config: SketchConfig,
+        total: int = 0,
+        successful: int = 0,
+        client_errors: int = 0,
+        server_errors: int = 0,
+        duration_sum: float = 0.0,
+        durations: np.ndarray = _NO_DURATIONS,
+        lsn: int = 0,
+    ) -> None:
+        """An aggregate holding one group of requests (see add()), or none."""
         self._config = config
-        self.total = 0
-        self.successful = 0
-        self.client_errors = 0
-        self.server_errors = 0
-        self.duration_sum = 0.0
+        self.total = total
+        self.successful = successful
+        self.client_errors = client_errors
+        self.server_errors = server_errors
+        self.duration_sum = duration_sum
         # The last write-ahead log record folded in (0: none): replay skips older records.
-        self.lsn = 0
-        self._exact: np.ndarray | None = np.zeros(0, dtype=np.float64)
+        self.lsn = lsn
         self._kll: kll_doubles_sketch | None = None
         self._req: req_floats_sketch | None = None
+        self._exact: np.ndarray | None
+        if len(durations) <= config.kll_k:
+            self._exact = durations.astype(np.float64)  # a copy: no view of the caller's batch
+        else:
+            self._start_sketches(durations)
 
     @property
     def is_exact(self) -> bool:
@@ -215,8 +231,7 @@ class DayAggregate:
         blob: bytes,
     ) -> DayAggregate:
         """Rebuild an aggregate from its stored counters and durations' state."""
-        agg = cls(config)
-        agg.total, agg.successful, agg.client_errors, agg.server_errors, agg.duration_sum = counters
+        agg = cls(config, *counters)
         if kind == EXACT_KIND:
             agg._exact = np.frombuffer(blob, dtype="<f8").astype(np.float64)
         elif kind == SKETCH_KIND:

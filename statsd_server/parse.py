@@ -92,20 +92,13 @@ def concat_batches(batches: list[Batch]) -> Batch:
     """One batch holding the requests of several, their customer lists merged."""
     if len(batches) == 1:
         return batches[0]
-    index: dict[str, int] = {}
-    customers: list[str] = []
+    index: dict[str, int] = {}  # customer id -> position in the merged list, in first-seen order
     remapped = []
     for batch in batches:
-        lookup = np.empty(len(batch.customers), dtype=np.int32)
-        for i, customer_id in enumerate(batch.customers):
-            j = index.get(customer_id)
-            if j is None:
-                j = index[customer_id] = len(customers)
-                customers.append(customer_id)
-            lookup[i] = j
-        remapped.append(lookup[batch.customer])
+        lookup = [index.setdefault(customer_id, len(index)) for customer_id in batch.customers]
+        remapped.append(np.array(lookup, dtype=np.int32)[batch.customer])
     return Batch(
-        customers,
+        list(index),
         np.concatenate(remapped),
         np.concatenate([b.day for b in batches]),
         np.concatenate([b.status for b in batches]),

@@ -37,6 +37,9 @@ MAX_CACHED_RANGES = 64
 # Requests grouped and waiting to be folded in; grouping more first folds the oldest
 # groupings in at once, so folding in steps cannot fall behind ingest by more than this.
 MAX_PENDING_LINES = 2 * APPLY_BATCH
+# Grouping counts by customer-day key in an array of (customers x days) bins while that is at
+# most this many more than the requests grouped; sparser keys are numbered first (a sort).
+_DENSE_BINS = 1 << 20
 
 
 class _Fold:
@@ -50,30 +53,44 @@ class _Fold:
         self,
         customers: list[str],
         lsn: int,
-        durations: np.ndarray,
-        starts: np.ndarray,
-        group_customer: np.ndarray,
-        group_day: np.ndarray,
+        key: np.ndarray,
+        span: int,
+        first_day: int,
         status: np.ndarray,
+        duration: np.ndarray,
     ) -> None:
-        """`durations` and `status` sorted by customer-day; `starts` where each group starts;
-        the groups' customer (position in `customers`) and day.
+        """Group requests by `key`: customer (position in `customers`) * span + day -
+        first_day.
 
-        Per-group figures stay numpy arrays (a fold may hold 512k groups), made lists a
-        customer at a time when folded in.
+        Each group's counts and sum come from counting by key (np.bincount), so only the
+        durations are sorted, by a stable radix sort. Per-group figures stay numpy arrays
+        (a fold may hold 512k groups), made lists a customer at a time when folded in.
         """
+        bins = len(customers) * span
+        used = None
+        if bins > len(key) + _DENSE_BINS:  # sparse: count by the keys' rank among those used
+            used, key = np.unique(key, return_inverse=True)
+            bins = len(used)
+        # 0: successful (< 400), 1: client error (4xx), 2: server error (5xx)
+        kind = (status >= 400).view(np.int8) + (status >= 500).view(np.int8)
+        by_kind = np.bincount(key * 3 + kind, minlength=3 * bins).reshape(bins, 3)
+        counts = by_kind.sum(axis=1)
+        present = np.flatnonzero(counts)
+        by_kind = by_kind[present]
+        group_key = present if used is None else used[present]
         self.lsn = lsn
-        self.lines = len(durations)
-        self.durations = durations
-        self.starts = starts
-        self.ends = np.append(starts[1:], len(durations))
-        self.day = group_day
-        self.successful = _group_sums(status < 400, starts)
-        self.client = _group_sums((status >= 400) & (status < 500), starts)
-        self.server = _group_sums(status >= 500, starts)
-        self.sums = np.add.reduceat(durations, starts)
+        self.lines = len(duration)
+        self.durations = duration[_stable_order(key)]
+        self.ends = np.cumsum(counts[present])
+        self.starts = self.ends - counts[present]
+        self.day = group_key % span + first_day
+        self.successful = by_kind[:, 0]
+        self.client = by_kind[:, 1]
+        self.server = by_kind[:, 2]
+        self.sums = np.bincount(key, weights=duration, minlength=bins)[present]
+        group_customer = group_key // span
         firsts = np.flatnonzero(np.diff(group_customer, prepend=-1))
-        lasts = np.append(firsts[1:], len(starts))
+        lasts = np.append(firsts[1:], len(present))
         # Customer id -> its groups [first, end), for the customers not folded in yet.
         self.pending: dict[str, tuple[int, int]] = {
             customers[c]: (first, end)
@@ -310,22 +327,8 @@ class ShardStore:
             return None
         first_day = int(day.min())
         span = int(day.max()) - first_day + 1
-        key = customer.astype(np.int64) * span + (day.astype(np.int64) - first_day)
-        order = _stable_order(key)
-        key = key[order]
-        status = status[order]
-        durations = duration[order]
-        starts = np.flatnonzero(np.diff(key, prepend=np.int64(-1)))
-        group_key = key[starts]
-        return _Fold(
-            customers,
-            lsn,
-            durations,
-            starts,
-            group_key // span,
-            group_key % span + first_day,
-            status,
-        )
+        key = customer.astype(np.int64) * span + (day - first_day)
+        return _Fold(customers, lsn, key, span, first_day, status, duration)
 
     def _fold_in(self, fold: _Fold, customer_id: str, first: int, end: int) -> None:
         """Fold in one customer's groups [first, end): one sketch update per customer-day."""
@@ -364,14 +367,26 @@ class ShardStore:
         ):
             if d < cutoff:
                 continue
+            key = (customer_id, d)
             agg = days.get(d)
-            if agg is None:
-                agg = days[d] = DayAggregate(config)
-            elif agg.lsn >= lsn > 0:
+            if agg is None:  # most often, after a load: one call makes the aggregate whole
+                days[d] = DayAggregate(
+                    config,
+                    stop - start,
+                    successful,
+                    client,
+                    server,
+                    duration_sum,
+                    durations[start:stop],
+                    lsn,
+                )
+                dirty.add(key)
+                continue
+            if agg.lsn >= lsn > 0:
                 continue
             agg.lsn = lsn
-            dirty.add((customer_id, d))
-            encoded.pop((customer_id, d), None)
+            dirty.add(key)
+            encoded.pop(key, None)
             agg.add(stop - start, successful, client, server, duration_sum, durations[start:stop])
 
     def query(
@@ -489,10 +504,6 @@ class ShardStore:
             if row.day >= cutoff:
                 self.customers.setdefault(row.customer_id, {})[row.day] = row.aggregate(self.config)
         return max((row.wal_lsn for row in rows), default=0)
-
-
-def _group_sums(flags: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    return np.add.reduceat(flags.astype(np.int64), starts)
 
 
 def _stable_order(key: np.ndarray) -> np.ndarray:

@@ -195,3 +195,35 @@ def test_quantile_names() -> None:
         "p0.1",
         "p12.345",
     ]
+
+
+@pytest.mark.parametrize("n", [0, 1, 200, 201, 5_000])
+def test_an_aggregate_made_with_its_first_group_equals_one_added_to(n: int) -> None:
+    """Folding in makes a new day's aggregate in one call; it holds the same state as an
+    empty aggregate that was then added to, exact at up to k requests, sketched past k, and
+    keeps no view of the caller's durations."""
+    rng = np.random.default_rng(n)
+    statuses = rng.choice([200, 404, 500], size=n)
+    durations = rng.lognormal(-2.0, 1.0, size=n)
+    added = build(statuses, durations)
+    made = DayAggregate(
+        CONFIG,
+        n,
+        int(np.count_nonzero(statuses < 400)),
+        int(np.count_nonzero((statuses >= 400) & (statuses < 500))),
+        int(np.count_nonzero(statuses >= 500)),
+        float(durations.sum()),
+        durations,
+        lsn=7,
+    )
+    durations[:] = 0.0  # the caller's batch is reused or freed: the aggregate must not care
+    assert made.lsn == 7
+    assert made.is_exact == added.is_exact == (n <= CONFIG.kll_k)
+    counters = ("total", "successful", "client_errors", "server_errors", "duration_sum")
+    assert [getattr(made, c) for c in counters] == [getattr(added, c) for c in counters]
+    if made.is_exact:
+        assert made.to_blob() == added.to_blob()
+        assert made.stats(extra=[0.9]) == added.stats(extra=[0.9])
+    else:  # compaction is random: the same requests, not the same bytes
+        assert made._kll is not None and made._req is not None
+        assert made._kll.n == made._req.n == n

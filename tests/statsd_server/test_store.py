@@ -8,7 +8,7 @@ import numpy as np
 
 from sketches import SketchConfig
 from statsd_server.parse import Batch
-from statsd_server.store import MAX_PENDING_LINES, ShardStore, _stable_order
+from statsd_server.store import _DENSE_BINS, MAX_PENDING_LINES, ShardStore, _stable_order
 
 DAY = 20_000  # days since the epoch
 
@@ -227,3 +227,45 @@ def test_radix_order_is_the_stable_sort_order() -> None:
     for top in (1_000, 1 << 16, 5_000_000, 1 << 40):
         key = rng.integers(0, top, 100_000).astype(np.int64)
         assert (_stable_order(key) == np.argsort(key, kind="stable")).all(), top
+
+
+def test_grouping_counts_every_customer_day_whether_keys_are_dense_or_sparse() -> None:
+    """Grouping counts by customer-day key: in an array of every (customer, day) while that
+    is small, else by the keys in use. Both give each customer-day its exact counters, sum
+    and durations, checked against a count in plain Python."""
+    rng = np.random.default_rng(11)
+    for n_customers, n_requests in ((40, 5_000), (40_000, 60_000)):
+        customers = [f"c{i}" for i in range(n_customers)]
+        who = rng.integers(n_customers, size=n_requests)
+        day = DAY - rng.integers(31, size=n_requests)
+        status = rng.choice([200, 302, 404, 429, 500, 503], size=n_requests)
+        duration = rng.uniform(0.001, 3.0, size=n_requests).round(6)
+        sparse = n_customers * 31 > n_requests + _DENSE_BINS
+        assert sparse == (n_customers == 40_000)  # each way of counting is taken once
+        expected: dict[tuple[str, int], list[tuple[int, float]]] = {}
+        for c, d, st, du in zip(
+            who.tolist(), day.tolist(), status.tolist(), duration.tolist(), strict=True
+        ):
+            expected.setdefault((customers[c], d), []).append((st, du))
+
+        store = ShardStore(SketchConfig(), retention_days=30)
+        store.apply(
+            Batch(
+                customers,
+                who.astype(np.int32),
+                day.astype(np.int32),
+                status.astype(np.int16),
+                duration.astype(np.float64),
+            ),
+            newest_day=DAY,
+        )
+        assert store.customer_days == len(expected)
+        for (customer, d), requests in expected.items():
+            agg = store.customers[customer][d]
+            assert agg.total == len(requests)
+            assert agg.successful == sum(st < 400 for st, _ in requests)
+            assert agg.client_errors == sum(400 <= st < 500 for st, _ in requests)
+            assert agg.server_errors == sum(st >= 500 for st, _ in requests)
+            assert abs(agg.duration_sum - sum(du for _, du in requests)) < 1e-9
+            assert agg._exact is not None
+            assert sorted(agg._exact.tolist()) == sorted(du for _, du in requests)

@@ -38,12 +38,15 @@ class SnapshotRow(NamedTuple):
     wal_lsn: int  # the last write-ahead log record folded in (see persistence.wal)
 
     @classmethod
-    def from_aggregate(cls, customer_id: str, day: int, agg: DayAggregate) -> SnapshotRow:
+    def from_aggregate(
+        cls, customer_id: str, day: int, agg: DayAggregate, key: int | None = None
+    ) -> SnapshotRow:
+        """The row of one customer-day; `key` is customer_key(customer_id) if known."""
         kind, blob = agg.to_blob()
         return cls(
             customer_id,
             day,
-            customer_key(customer_id),
+            customer_key(customer_id) if key is None else key,
             agg.total,
             agg.successful,
             agg.client_errors,

@@ -215,7 +215,7 @@ class DayAggregate:
         """(kind, bytes) of the durations' state, for the snapshot."""
         if self._exact is not None:
             self._exact.sort()  # a canonical form, whether or not the day was read
-            return EXACT_KIND, self._exact.astype("<f8").tobytes()
+            return EXACT_KIND, self._exact.astype("<f8", copy=False).tobytes()
         assert self._kll is not None
         kll = bytes(self._kll.serialize())
         if self._req is None:

@@ -16,6 +16,7 @@ from sketches import DayAggregate, SketchConfig, summarize
 from statsd_server.messages import Applied
 from statsd_server.newest_day import NO_DAY
 from statsd_server.parse import Batch, concat_batches
+from statsd_server.routing import customer_key
 
 _EPOCH = dt.date(1970, 1, 1)
 
@@ -472,19 +473,27 @@ class ShardStore:
         return cached
 
     def take_dirty(self) -> list[tuple[str, int]]:
-        """The customer-days changed since the last call (queued batches applied first)."""
+        """The customer-days changed since the last call (queued batches applied first), in
+        the snapshot table's key order: a customer's days together, so rows() hashes each
+        customer id once, and SQLite inserts them in order."""
         self.flush()
-        keys = list(self._dirty)
+        keys = sorted(self._dirty)
         self._dirty = set()
         return keys
 
     def rows(self, keys: list[tuple[str, int]]) -> list[SnapshotRow]:
         """Snapshot rows of these customer-days (those expired meanwhile are left out)."""
         rows = []
+        last: str | None = None
+        days: dict[int, DayAggregate] = {}
+        key = 0
         for customer_id, d in keys:
-            agg = self.customers.get(customer_id, {}).get(d)
+            if customer_id != last:
+                last, days = customer_id, self.customers.get(customer_id, {})
+                key = customer_key(customer_id)
+            agg = days.get(d)
             if agg is not None:
-                rows.append(SnapshotRow.from_aggregate(customer_id, d, agg))
+                rows.append(SnapshotRow.from_aggregate(customer_id, d, agg, key))
         return rows
 
     def mark_dirty(self, keys: list[tuple[str, int]]) -> None:

@@ -107,6 +107,8 @@ class SnapshotDB:
             )
         except sqlite3.DatabaseError as exc:
             raise SnapshotError(f"cannot open snapshot database {self.path}: {exc}") from exc
+        # (cutoff_day, newest_day) of this connection's last write: see write().
+        self._written: tuple[int, int] | None = None
 
     def write(
         self,
@@ -117,7 +119,14 @@ class SnapshotDB:
         keep_pieces_seconds: float = KEEP_SECONDS,
     ) -> None:
         """Upsert changed rows and newly applied load pieces, drop days older than the
-        cutoff (and pieces older than KEEP_SECONDS), in one transaction."""
+        cutoff (and pieces older than KEEP_SECONDS), in one transaction.
+
+        Nothing new (no rows, no pieces, the same days as this connection's last write) writes
+        nothing: an idle shard's periodic snapshot neither scans the table nor syncs the file.
+        """
+        written = (cutoff_day, newest_day)
+        if not rows and not pieces and written == self._written:
+            return
         conn = self.db.conn
         # IMMEDIATE takes the write lock up front, so a concurrent writer (another shard) makes
         # this wait for the busy timeout; a deferred transaction could fail at once instead.
@@ -131,7 +140,8 @@ class SnapshotDB:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
-            conn.execute("DELETE FROM days WHERE day < ?", [cutoff_day])
+            if self._written is None or cutoff_day != self._written[0]:
+                conn.execute("DELETE FROM days WHERE day < ?", [cutoff_day])  # a full scan
             if pieces:
                 conn.executemany(
                     "INSERT OR REPLACE INTO loaded_pieces (piece, shards, shard, created)"
@@ -151,6 +161,7 @@ class SnapshotDB:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        self._written = written
 
     def load(self, shard: int, shards: int) -> tuple[list[SnapshotRow], int | None]:
         """The rows a shard owns under `shards` shards, and the newest day ever stored."""

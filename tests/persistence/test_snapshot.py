@@ -77,6 +77,21 @@ def test_newest_day_never_goes_back(tmp_path: Path) -> None:
     assert db.load(0, 1)[1] == 30
 
 
+def test_a_write_with_nothing_new_writes_nothing(tmp_path: Path) -> None:
+    """An idle shard's periodic snapshot (no rows, no pieces, the same days) changes nothing
+    in the file; once the cutoff moves, the expired days go, whichever shard wrote them."""
+    db = SnapshotDB(tmp_path)
+    db.write([row("a", 10, [1.0]), row("a", 20, [1.0])], 0, 20)
+    changes = db.db.conn.total_changes
+    db.write([], 0, 20)
+    assert db.db.conn.total_changes == changes
+    SnapshotDB(tmp_path).write([row("b", 12, [1.0])], 0, 20)  # another shard
+    db.write([], cutoff_day=15, newest_day=25)
+    rows, newest = db.load(0, 1)
+    assert sorted((r.customer_id, r.day) for r in rows) == [("a", 20)]
+    assert newest == 25
+
+
 def test_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
     """A snapshot is one transaction: an error mid-way writes no row at all."""
     db = SnapshotDB(tmp_path)

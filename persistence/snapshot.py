@@ -121,8 +121,11 @@ class SnapshotDB:
         """Upsert changed rows and newly applied load pieces, drop days older than the
         cutoff (and pieces older than KEEP_SECONDS), in one transaction.
 
-        Nothing new (no rows, no pieces, the same days as this connection's last write) writes
-        nothing: an idle shard's periodic snapshot neither scans the table nor syncs the file.
+        Days are dropped when the cutoff moved since this connection's last committed write
+        (a full scan): rows another shard wrote below it meanwhile stay until the next move,
+        and restore skips them. Nothing new (no rows, no pieces, the same days as the last
+        committed write) writes nothing: an idle shard's periodic snapshot neither scans the
+        table nor syncs the file.
         """
         written = (cutoff_day, newest_day)
         if not rows and not pieces and written == self._written:

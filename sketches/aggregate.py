@@ -78,8 +78,8 @@ def quantile_name(q: float) -> str:
 class _Items:
     """Sorted values with their weights: a distribution to read quantiles from.
 
-    Exact durations have no weights (each counts once), which keeps the common case of small
-    days to a sort and an index.
+    Exact durations have no weights (each counts once): exact days pooled with sketched ones.
+    (summarize() reads days that are all exact by itself: one sort and an index.)
     """
 
     __slots__ = ("cumulative", "total", "values")

@@ -38,9 +38,10 @@ MAX_CACHED_RANGES = 64
 # Requests grouped and waiting to be folded in; grouping more first folds the oldest
 # groupings in at once, so folding in steps cannot fall behind ingest by more than this.
 MAX_PENDING_LINES = 2 * APPLY_BATCH
-# Grouping counts by customer-day key in an array of (customers x days) bins while that is at
-# most this many more than the requests grouped; sparser keys are numbered first (a sort).
-_DENSE_BINS = 1 << 20
+# Grouping counts by customer-day key in an array of (customers x days) bins while there are
+# at most twice as many bins as requests grouped, plus this many; sparser keys (a small fold
+# whose batches name many customers) are numbered first, by a sort.
+_DENSE_BINS = 1 << 16
 
 
 class _Fold:
@@ -64,12 +65,13 @@ class _Fold:
         first_day.
 
         Each group's counts and sum come from counting by key (np.bincount), so only the
-        durations are sorted, by a stable radix sort. Per-group figures stay numpy arrays
-        (a fold may hold 512k groups), made lists a customer at a time when folded in.
+        durations are sorted, by a stable radix sort (and sparse keys, to number them).
+        Per-group figures stay numpy arrays (a fold may hold 512k groups), made lists a
+        customer at a time when folded in.
         """
         bins = len(customers) * span
         used = None
-        if bins > len(key) + _DENSE_BINS:  # sparse: count by the keys' rank among those used
+        if bins > 2 * len(key) + _DENSE_BINS:  # sparse: count by the rank among keys used
             used, key = np.unique(key, return_inverse=True)
             bins = len(used)
         # 0: successful (< 400), 1: client error (4xx), 2: server error (5xx)

@@ -106,6 +106,9 @@ def test_failed_write_leaves_nothing_behind(tmp_path: Path) -> None:
     rows, newest = db.load(0, 1)
     assert [(r.customer_id, r.day) for r in rows] == [("a", 1)]
     assert newest == 1
+    db.write([], cutoff_day=5, newest_day=9)  # the retry is not taken for a write already done
+    rows, newest = db.load(0, 1)
+    assert rows == [] and newest == 9
 
 
 def test_corrupt_file_is_named_in_the_error(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 
 from sketches import SketchConfig
 from statsd_server.parse import Batch
+from statsd_server.routing import customer_key
 from statsd_server.store import _DENSE_BINS, MAX_PENDING_LINES, ShardStore, _stable_order
 
 DAY = 20_000  # days since the epoch
@@ -240,7 +241,7 @@ def test_grouping_counts_every_customer_day_whether_keys_are_dense_or_sparse() -
         day = DAY - rng.integers(31, size=n_requests)
         status = rng.choice([200, 302, 404, 429, 500, 503], size=n_requests)
         duration = rng.uniform(0.001, 3.0, size=n_requests).round(6)
-        sparse = n_customers * 31 > n_requests + _DENSE_BINS
+        sparse = n_customers * 31 > 2 * n_requests + _DENSE_BINS
         assert sparse == (n_customers == 40_000)  # each way of counting is taken once
         expected: dict[tuple[str, int], list[tuple[int, float]]] = {}
         for c, d, st, du in zip(
@@ -269,3 +270,18 @@ def test_grouping_counts_every_customer_day_whether_keys_are_dense_or_sparse() -
             assert abs(agg.duration_sum - sum(du for _, du in requests)) < 1e-9
             assert agg._exact is not None
             assert sorted(agg._exact.tolist()) == sorted(du for _, du in requests)
+
+
+def test_snapshot_rows_carry_each_customers_own_key_in_key_order() -> None:
+    """take_dirty() sorts the changed customer-days, and rows() hashes each customer once: a
+    row never carries the key of the customer before it, also across slices of the keys."""
+    store = ShardStore(SketchConfig(), retention_days=30)
+    store.apply(
+        batch_of([(c, DAY - d, 200, 0.1) for d in range(3) for c in ("b", "a", "c", "é")]),
+        newest_day=DAY,
+    )
+    keys = store.take_dirty()
+    assert keys == sorted(keys) and len(keys) == 12
+    rows = store.rows(keys[:4]) + store.rows(keys[4:])  # a slice boundary inside customer "b"
+    assert [(r.customer_id, r.day) for r in rows] == keys
+    assert all(r.customer_key == customer_key(r.customer_id) for r in rows)

@@ -78,18 +78,16 @@ def quantile_name(q: float) -> str:
 class _Items:
     """Sorted values with their weights: a distribution to read quantiles from.
 
-    Exact durations have no weights (each counts once): exact days pooled with sketched ones.
-    (summarize() reads days that are all exact by itself: one sort and an index.)
+    Exact durations have no weights (each counts once) and come sorted by the caller (sorted
+    in place, they stay cheap to sort again), so reading them is an index.
     """
 
     __slots__ = ("cumulative", "total", "values")
 
-    def __init__(
-        self, values: np.ndarray, weights: np.ndarray | None, presorted: bool = False
-    ) -> None:
+    def __init__(self, values: np.ndarray, weights: np.ndarray | None) -> None:
         self.cumulative: np.ndarray | None
         if weights is None:
-            self.values = values if presorted else np.sort(values)
+            self.values = values
             self.cumulative = None
             self.total = float(len(values))
         else:
@@ -255,7 +253,7 @@ class DayAggregate:
     def _items(self, tail: bool) -> _Items:
         if self._exact is not None:
             self._exact.sort()  # in place: order is irrelevant, and sorted stays cheap to sort
-            return _Items(self._exact, None, presorted=True)
+            return _Items(self._exact, None)
         sketch = self._req if tail and self._req is not None else self._kll
         assert sketch is not None
         return _Items(*_sketch_items(sketch))
@@ -337,16 +335,12 @@ def summarize(
         )
     quantiles = (0.5, 0.99, *extra)
     if exact:
-        # The common case (days of at most k requests): one sort, every figure exact, the
-        # nearest rank read by index as _Items.quantile() does.
+        # The common case (days of at most k requests): one sort, every figure exact.
         values = days[0]._exact if len(days) == 1 else np.concatenate([d._exact for d in days])
         assert values is not None
         values.sort()  # in place: a day's own values (their order is irrelevant) or a new array
-        n = len(values)
-        found = [
-            round(float(values[min(max(1, math.ceil(q * n)), n) - 1]) * 1000.0, 3)
-            for q in quantiles
-        ]
+        pooled = _Items(values, None)
+        found = [round(pooled.quantile(q) * 1000.0, 3) for q in quantiles]
         errors = dict.fromkeys(map(quantile_name, quantiles), 0.0)
     else:
         days = [d for d in days if d.total]

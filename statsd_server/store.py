@@ -84,8 +84,9 @@ class _Fold:
         self.lsn = lsn
         self.lines = len(duration)
         self.durations = duration[_stable_order(key)]
-        self.ends = np.cumsum(counts[present])
-        self.starts = self.ends - counts[present]
+        sizes = counts[present]
+        self.ends = np.cumsum(sizes)
+        self.starts = self.ends - sizes
         self.day = group_key % span + first_day
         self.successful = by_kind[:, 0]
         self.client = by_kind[:, 1]
@@ -372,6 +373,7 @@ class ShardStore:
                 continue
             key = (customer_id, d)
             agg = days.get(d)
+            # A new day has no encoded figures to drop (they go when a day expires).
             if agg is None:  # most often, after a load: one call makes the aggregate whole
                 days[d] = DayAggregate(
                     config,

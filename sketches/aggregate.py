@@ -120,8 +120,81 @@ class _Items:
 
 
 def _sketch_items(sketch: kll_doubles_sketch | req_floats_sketch) -> tuple[np.ndarray, np.ndarray]:
-    pairs = np.array(list(sketch), dtype=np.float64).reshape(-1, 2)
-    return pairs[:, 0], pairs[:, 1]
+    """The items a sketch retains and their weights, in no particular order.
+
+    Read from the sketch's serialized form: iterating the sketch from Python costs about
+    0.3 us an item (0.1-1.4 ms a sketch), its serialization about 1 us. The iteration stays
+    as the fallback for a layout this code does not know, which the counts would expose.
+    """
+    blob = sketch.serialize()
+    try:
+        items = _kll_items(blob) if isinstance(sketch, kll_doubles_sketch) else _req_items(blob)
+    except (struct.error, ValueError):  # shorter than its header says
+        items = None
+    if items is None or len(items[0]) != sketch.num_retained or items[1].sum() != sketch.n:
+        pairs = np.array(list(sketch), dtype=np.float64).reshape(-1, 2)
+        return pairs[:, 0], pairs[:, 1]
+    return items
+
+
+# The serialized layouts (little-endian) of DataSketches' KLL and REQ sketches, as
+# datasketches-cpp writes them. KLL: an 8-byte header (preamble ints, serial version,
+# family 15, flags, k, m); an empty sketch ends there, a single item follows it alone; else
+# n (u64), min_k (u16), the level count (u8), a spare byte, each level's start (u32, offsets
+# into an array whose end is the capacity), min and max, then the retained items from the
+# first level up. An item of level h stands for 2**h requests.
+_KLL_FAMILY, _KLL_EMPTY, _KLL_SINGLE = 15, 1 << 0, 1 << 2
+# REQ: an 8-byte header (preamble ints, serial version, family 17, flags, k, the compactor
+# count, the raw item count); in estimation mode (4 preamble ints) n (u64), min and max
+# (f32); then either up to 4 raw items, or each compactor: state (u64), section size (f32),
+# lg weight (u8), section count (u8), 2 spare bytes, item count (u32), its items (f32).
+_REQ_FAMILY, _REQ_EMPTY, _REQ_RAW = 17, 1 << 2, 1 << 4
+_KLL_LEVELS = struct.Struct("<QHB")
+_REQ_COMPACTOR = struct.Struct("<QfBBHI")
+
+
+def _kll_items(blob: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """A KLL sketch's items and weights; None for another family."""
+    if len(blob) < 8 or blob[2] != _KLL_FAMILY:
+        return None
+    flags = blob[3]
+    if flags & _KLL_EMPTY:
+        return _NO_DURATIONS, _NO_DURATIONS
+    if flags & _KLL_SINGLE:
+        values = np.frombuffer(blob, "<f8", 1, 8).astype(np.float64)
+        return values, np.ones(1)
+    _, _, num_levels = _KLL_LEVELS.unpack_from(blob, 8)
+    starts = np.frombuffer(blob, "<u4", num_levels, 20).astype(np.int64)
+    first = 20 + 4 * num_levels + 16  # after the levels, min and max
+    values = np.frombuffer(blob, "<f8", offset=first).astype(np.float64)
+    ends = np.append(starts[1:], starts[0] + len(values))
+    sizes = ends - starts
+    if (sizes < 0).any():
+        return None
+    weights = np.repeat(np.ldexp(1.0, np.arange(num_levels)), sizes)
+    return values, weights
+
+
+def _req_items(blob: bytes) -> tuple[np.ndarray, np.ndarray] | None:
+    """A REQ sketch's items and weights; None for another family or an unknown layout."""
+    if len(blob) < 8 or blob[2] != _REQ_FAMILY:
+        return None
+    flags, compactors, raw = blob[3], blob[6], blob[7]
+    if flags & _REQ_EMPTY:
+        return _NO_DURATIONS, _NO_DURATIONS
+    offset = 8 if blob[0] == 2 else 24  # past n, min and max in estimation mode
+    if flags & _REQ_RAW:
+        return np.frombuffer(blob, "<f4", raw, offset).astype(np.float64), np.ones(raw)
+    values, weights = [], []
+    for _ in range(compactors):
+        _, _, lg_weight, _, _, count = _REQ_COMPACTOR.unpack_from(blob, offset)
+        offset += _REQ_COMPACTOR.size
+        values.append(np.frombuffer(blob, "<f4", count, offset))
+        weights.append(np.full(count, math.ldexp(1.0, lg_weight)))
+        offset += 4 * count
+    if offset != len(blob) or not values:
+        return None
+    return np.concatenate(values).astype(np.float64), np.concatenate(weights)
 
 
 class DayAggregate:

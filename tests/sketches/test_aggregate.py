@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+import struct
 
 import msgspec
 import numpy as np
 import pytest
-from datasketches import kll_doubles_sketch
+from datasketches import kll_doubles_sketch, req_floats_sketch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sketches import DayAggregate, SketchConfig, quantile_name, summarize
+from sketches.aggregate import _kll_items, _req_items, _sketch_items
 
 CONFIG = SketchConfig(kll_k=200, req_k=48)
 
@@ -177,6 +179,57 @@ def test_snapshots_from_before_req_still_load() -> None:
             assert s.quantile_error["p50"] > 0
         agg.add(1, 1, 0, 0, 0.5, np.array([0.5]))  # and it keeps taking requests
         assert agg.stats().total_requests == len(values) + 1
+
+
+def pairs(values: np.ndarray, weights: np.ndarray) -> list[tuple[float, float]]:
+    return sorted(zip(values.tolist(), weights.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 201, 1_000, 60_000])
+@pytest.mark.parametrize("restored", [False, True])
+def test_items_read_from_a_sketch_s_bytes_are_its_own(n: int, restored: bool) -> None:
+    """The items and weights read from a sketch's serialized form are those the sketch itself
+    yields, for KLL and REQ, small (REQ keeps up to 4 raw) or compacted, restored or not."""
+    values = lognormal(n, n).round(3)  # with ties
+    kll, req = kll_doubles_sketch(200), req_floats_sketch(48, True)
+    for part in np.array_split(values, 3):
+        kll.update(part)
+        req.update(part.astype(np.float32))
+    if restored:
+        kll = kll_doubles_sketch.deserialize(bytes(kll.serialize()))
+        req = req_floats_sketch.deserialize(bytes(req.serialize()))
+        kll.update(values[:7])
+        req.update(values[:7].astype(np.float32))
+    for sketch, read in ((kll, _kll_items), (req, _req_items)):
+        got = read(bytes(sketch.serialize()))  # not through _sketch_items: no fallback
+        assert got is not None
+        assert pairs(*got) == sorted((float(v), float(w)) for v, w in sketch)
+        assert got[1].sum() == sketch.n
+        assert pairs(*_sketch_items(sketch)) == pairs(*got)
+
+
+def test_a_sketched_day_reads_like_its_sketches() -> None:
+    """One busy day's median, p99 and p90 are REQ's nearest-rank answers, and p10 KLL's."""
+    values = lognormal(30_000, 9)
+    agg = build(np.full(len(values), 200), values, parts=4)
+    assert agg._req is not None and agg._kll is not None
+    s = agg.stats(extra=[0.1, 0.9])
+    assert s.median_latency_ms == round(agg._req.get_quantile(0.5, True) * 1000, 3)
+    assert s.p99_latency_ms == round(agg._req.get_quantile(0.99, True) * 1000, 3)
+    assert s.quantiles_ms == {
+        "p10": round(agg._kll.get_quantile(0.1, True) * 1000, 3),
+        "p90": round(agg._req.get_quantile(0.9, True) * 1000, 3),
+    }
+
+
+def test_unknown_sketch_layouts_are_not_read() -> None:
+    """Bytes of another family are not read, and bytes cut short raise (_sketch_items then
+    falls back on the sketch's own iteration)."""
+    req = req_floats_sketch(48, True)
+    req.update(lognormal(1_000, 3).astype(np.float32))
+    assert _kll_items(bytes(req.serialize())) is None
+    with pytest.raises((struct.error, ValueError)):
+        _req_items(bytes(req.serialize())[:40])
 
 
 def test_unknown_sketch_kind_is_refused() -> None:

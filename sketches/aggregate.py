@@ -96,11 +96,6 @@ class _Items:
             self.cumulative = np.cumsum(weights[order])
             self.total = float(self.cumulative[-1]) if len(values) else 0.0
 
-    def weights(self) -> np.ndarray:
-        if self.cumulative is None:
-            return np.ones(len(self.values))
-        return np.diff(self.cumulative, prepend=0.0)
-
     def quantile(self, q: float) -> float:
         """Nearest rank: the smallest value with at least q * total weight at or below it."""
         target = max(1.0, math.ceil(q * self.total))
@@ -109,14 +104,6 @@ class _Items:
         else:
             i = int(np.searchsorted(self.cumulative, target, "left"))
         return float(self.values[min(i, len(self.values) - 1)])
-
-    def rank(self, value: float) -> float:
-        """The share of the weight at or below `value`."""
-        i = int(np.searchsorted(self.values, value, "right"))
-        if not i:
-            return 0.0
-        below = float(i) if self.cumulative is None else float(self.cumulative[i - 1])
-        return below / self.total
 
 
 def _sketch_items(sketch: kll_doubles_sketch | req_floats_sketch) -> tuple[np.ndarray, np.ndarray]:
@@ -323,13 +310,13 @@ class DayAggregate:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _items(self, tail: bool) -> _Items:
+    def _items(self, tail: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """This day's values, unsorted, and their weights (None when exact: one each)."""
         if self._exact is not None:
-            self._exact.sort()  # in place: order is irrelevant, and sorted stays cheap to sort
-            return _Items(self._exact, None)
+            return self._exact, None
         sketch = self._req if tail and self._req is not None else self._kll
         assert sketch is not None
-        return _Items(*_sketch_items(sketch))
+        return _sketch_items(sketch)
 
     def _rank_error(self, tail: bool, rank: float) -> float:
         """Bound on this day's rank error (a share of its requests) near `rank`."""
@@ -346,27 +333,39 @@ class DayAggregate:
 
 class _Pool:
     """The days' items for one family (tail or body), pooled for quantiles and error bounds,
-    when some day is sketched (summarize() reads days that are all exact itself)."""
+    when some day is sketched (summarize() reads days that are all exact itself).
+
+    Only the pool is sorted: a sketched day's own rank near a quantile, for its error bound,
+    is a sum over its unsorted items.
+    """
 
     def __init__(self, days: Sequence[DayAggregate], tail: bool) -> None:
-        self.days = days
         self.tail = tail
-        self.per_day = [day._items(tail) for day in days]
-        if len(self.per_day) == 1:
-            self.pooled = self.per_day[0]
-        else:  # some day is sketched: its items carry weights
-            values = np.concatenate([it.values for it in self.per_day])
-            weights = np.concatenate([it.weights() for it in self.per_day])
-            self.pooled = _Items(values, weights)
+        parts = [day._items(tail) for day in days]
+        self.sketched = [
+            (day, values, weights)
+            for day, (values, weights) in zip(days, parts, strict=True)
+            if weights is not None
+        ]
+        if len(parts) == 1 and parts[0][1] is None:
+            values = parts[0][0]
+            values.sort()  # in place: a day's order is irrelevant, and sorted stays cheap
+            self.pooled = _Items(values, None)
+        else:
+            self.pooled = _Items(
+                np.concatenate([values for values, _ in parts]),
+                np.concatenate([np.ones(len(v)) if w is None else w for v, w in parts]),
+            )
 
     def quantile_with_error(self, q: float, total: int) -> tuple[float, float]:
         """The nearest-rank q-quantile and its relative error bound."""
         value = self.pooled.quantile(q)
         # Each sketched day may misplace ranks by up to its bound; add them up in requests.
+        # (Weights are whole numbers, so these sums are exact in any order.)
         misplaced = sum(
-            day.total * day._rank_error(self.tail, it.rank(value))
-            for day, it in zip(self.days, self.per_day, strict=True)
-            if not day.is_exact
+            day.total
+            * day._rank_error(self.tail, float(weights[values <= value].sum() / weights.sum()))
+            for day, values, weights in self.sketched
         )
         if misplaced == 0 or value <= 0:
             return value, 0.0

@@ -33,7 +33,11 @@ from statsd_server.changes import ChangeCounters
 from statsd_server.config import LISTEN_BACKLOG, Settings
 from statsd_server.errors import IdleStream, PieceError, ShardUnavailable, SnapshotError
 from statsd_server.ingest import APPLY_TIMEOUT, Dispatcher, IngestSession
-from statsd_server.memory import freeze_startup_objects, release_free_memory
+from statsd_server.memory import (
+    collect_before_exit,
+    freeze_startup_objects,
+    release_free_memory,
+)
 from statsd_server.messages import (
     Applied,
     ApplyBatch,
@@ -121,7 +125,10 @@ def run(
     except SnapshotError as exc:
         parent.send(("error", str(exc)))
         raise SystemExit(1) from None
-    raise SystemExit(worker.exit_code)
+    code = worker.exit_code
+    del worker
+    collect_before_exit()
+    raise SystemExit(code)
 
 
 class ShardWorker:

@@ -375,6 +375,31 @@ class _Pool:
         return value, max(value - low, high - value) / value
 
 
+class _OneSketch:
+    """One sketched day's quantiles and error bounds, read from its sketch itself: the same
+    nearest rank over the same items as _Pool's (DataSketches' inclusive get_quantile and
+    get_rank), without copying the items out and sorting them in numpy."""
+
+    def __init__(self, day: DayAggregate, tail: bool) -> None:
+        self.day = day
+        self.tail = tail
+        sketch = day._req if tail and day._req is not None else day._kll
+        assert sketch is not None
+        self.sketch = sketch
+
+    def quantile_with_error(self, q: float, total: int) -> tuple[float, float]:
+        """As _Pool.quantile_with_error, for this day alone."""
+        sketch, day = self.sketch, self.day
+        value = sketch.get_quantile(q, True)
+        misplaced = day.total * day._rank_error(self.tail, sketch.get_rank(value, True))
+        if misplaced == 0 or value <= 0:
+            return value, 0.0
+        spread = misplaced / total
+        low = sketch.get_quantile(max(0.0, q - spread), True)
+        high = sketch.get_quantile(min(1.0, q + spread), True)
+        return value, max(value - low, high - value) / value
+
+
 def summarize(
     days: Sequence[DayAggregate], extra: Sequence[float] = (), date: str | None = None
 ) -> LatencyStats:
@@ -418,12 +443,14 @@ def summarize(
         days = [d for d in days if d.total]
         found = []  # milliseconds, for 0.5, 0.99 and then each extra quantile
         errors = {}
-        pools: dict[bool, _Pool] = {}
+        pools: dict[bool, _Pool | _OneSketch] = {}
         for q in quantiles:
             tail = q >= TAIL_FROM
             pool = pools.get(tail)
             if pool is None:
-                pool = pools[tail] = _Pool(days, tail)
+                pool = pools[tail] = (
+                    _OneSketch(days[0], tail) if len(days) == 1 else _Pool(days, tail)
+                )
             value, error = pool.quantile_with_error(q, total)
             found.append(round(value * 1000.0, 3))
             errors[quantile_name(q)] = round(error, 6)

@@ -351,10 +351,11 @@ class _Pool:
             values = parts[0][0]
             values.sort()  # in place: a day's order is irrelevant, and sorted stays cheap
             self.pooled = _Items(values, None)
-        else:
+        else:  # exact values first, so one array of ones weighs them all
+            exact = [values for values, weights in parts if weights is None]
             self.pooled = _Items(
-                np.concatenate([values for values, _ in parts]),
-                np.concatenate([np.ones(len(v)) if w is None else w for v, w in parts]),
+                np.concatenate(exact + [values for _, values, _ in self.sketched]),
+                np.concatenate([np.ones(sum(map(len, exact)))] + [w for _, _, w in self.sketched]),
             )
 
     def quantile_with_error(self, q: float, total: int) -> tuple[float, float]:

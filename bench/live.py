@@ -29,7 +29,9 @@ from _server import BenchServer, generate
 from query import hit_share, query_counts, wrk
 
 
-def stream(port: int, lines: list[bytes], rate: int, stop: threading.Event, out: dict) -> None:
+def stream(
+    port: int, lines: list[bytes], rate: int, stop: threading.Event, out: dict[str, object]
+) -> None:
     """Send `rate` lines a second until `stop`, then half-close and read the summary."""
     step = max(1, rate // 10)
     sent = late = 0
@@ -82,14 +84,20 @@ def main() -> None:
         )
         before = query_counts(server.http_port)
         feeder.start()
-        time.sleep(1)  # today's days fill up (and pass k for the busier customers)
-        text, _ = wrk(server.http_port, args.customers, first_day, args.connections, args.seconds)
-        share = hit_share(before, query_counts(server.http_port))
-        stop.set()
-        feeder.join()
+        try:
+            time.sleep(1)  # today's days fill up (and pass k for the busier customers)
+            text, _ = wrk(
+                server.http_port, args.customers, first_day, args.connections, args.seconds
+            )
+            share = hit_share(before, query_counts(server.http_port))
+        finally:
+            stop.set()
+            feeder.join()
     finally:
         server.stop()
     print(f"stats while lines stream in: {text}; {share}")
+    if "summary" not in fed:
+        sys.exit("the line stream ended without its summary (see the error above)")
     summary = fed["summary"]
     print(
         f"stream: {fed['sent']:,} lines in {fed['seconds']:.1f} s "

@@ -111,7 +111,8 @@ def _sketch_items(sketch: kll_doubles_sketch | req_floats_sketch) -> tuple[np.nd
 
     Read from the sketch's serialized form: iterating the sketch from Python costs about
     0.3 us an item (0.1-1.4 ms a sketch), its serialization about 1 us. The iteration stays
-    as the fallback for a layout this code does not know, which the counts would expose.
+    as the fallback for bytes of a serial version or preamble this code does not know, or
+    whose item count or total weight disagree with the sketch's own.
     """
     blob = sketch.serialize()
     try:
@@ -131,18 +132,20 @@ def _sketch_items(sketch: kll_doubles_sketch | req_floats_sketch) -> tuple[np.nd
 # into an array whose end is the capacity), min and max, then the retained items from the
 # first level up. An item of level h stands for 2**h requests.
 _KLL_FAMILY, _KLL_EMPTY, _KLL_SINGLE = 15, 1 << 0, 1 << 2
+_KLL_HEADS = {(2, 1), (2, 2), (5, 1)}  # (preamble ints, serial version): short forms, full
 # REQ: an 8-byte header (preamble ints, serial version, family 17, flags, k, the compactor
 # count, the raw item count); in estimation mode (4 preamble ints) n (u64), min and max
 # (f32); then either up to 4 raw items, or each compactor: state (u64), section size (f32),
 # lg weight (u8), section count (u8), 2 spare bytes, item count (u32), its items (f32).
 _REQ_FAMILY, _REQ_EMPTY, _REQ_RAW = 17, 1 << 2, 1 << 4
+_REQ_HEADS = {(2, 1), (4, 1)}  # (preamble ints, serial version): exact mode, estimation mode
 _KLL_LEVELS = struct.Struct("<QHB")
 _REQ_COMPACTOR = struct.Struct("<QfBBHI")
 
 
 def _kll_items(blob: bytes) -> tuple[np.ndarray, np.ndarray] | None:
-    """A KLL sketch's items and weights; None for another family."""
-    if len(blob) < 8 or blob[2] != _KLL_FAMILY:
+    """A KLL sketch's items and weights; None for another family or layout."""
+    if len(blob) < 8 or blob[2] != _KLL_FAMILY or (blob[0], blob[1]) not in _KLL_HEADS:
         return None
     flags = blob[3]
     if flags & _KLL_EMPTY:
@@ -164,7 +167,7 @@ def _kll_items(blob: bytes) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _req_items(blob: bytes) -> tuple[np.ndarray, np.ndarray] | None:
     """A REQ sketch's items and weights; None for another family or an unknown layout."""
-    if len(blob) < 8 or blob[2] != _REQ_FAMILY:
+    if len(blob) < 8 or blob[2] != _REQ_FAMILY or (blob[0], blob[1]) not in _REQ_HEADS:
         return None
     flags, compactors, raw = blob[3], blob[6], blob[7]
     if flags & _REQ_EMPTY:
@@ -343,7 +346,7 @@ class _Pool:
         self.tail = tail
         parts = [day._items(tail) for day in days]
         self.sketched = [
-            (day, values, weights)
+            (day, values, weights, float(weights.sum()))
             for day, (values, weights) in zip(days, parts, strict=True)
             if weights is not None
         ]
@@ -354,8 +357,10 @@ class _Pool:
         else:  # exact values first, so one array of ones weighs them all
             exact = [values for values, weights in parts if weights is None]
             self.pooled = _Items(
-                np.concatenate(exact + [values for _, values, _ in self.sketched]),
-                np.concatenate([np.ones(sum(map(len, exact)))] + [w for _, _, w in self.sketched]),
+                np.concatenate(exact + [values for _, values, _, _ in self.sketched]),
+                np.concatenate(
+                    [np.ones(sum(map(len, exact)))] + [w for _, _, w, _ in self.sketched]
+                ),
             )
 
     def quantile_with_error(self, q: float, total: int) -> tuple[float, float]:
@@ -364,9 +369,8 @@ class _Pool:
         # Each sketched day may misplace ranks by up to its bound; add them up in requests.
         # (Weights are whole numbers, so these sums are exact in any order.)
         misplaced = sum(
-            day.total
-            * day._rank_error(self.tail, float(weights[values <= value].sum() / weights.sum()))
-            for day, values, weights in self.sketched
+            day.total * day._rank_error(self.tail, float(weights[values <= value].sum()) / weight)
+            for day, values, weights, weight in self.sketched
         )
         if misplaced == 0 or value <= 0:
             return value, 0.0
@@ -450,7 +454,9 @@ def summarize(
             pool = pools.get(tail)
             if pool is None:
                 pool = pools[tail] = (
-                    _OneSketch(days[0], tail) if len(days) == 1 else _Pool(days, tail)
+                    _OneSketch(days[0], tail)
+                    if len(days) == 1 and not days[0].is_exact
+                    else _Pool(days, tail)
                 )
             value, error = pool.quantile_with_error(q, total)
             found.append(round(value * 1000.0, 3))

@@ -122,10 +122,10 @@ def run(
     worker = ShardWorker(settings, index, tcp_sock, runtime_dir, parent)
     try:
         uvloop.run(worker.run())
+        code = worker.exit_code
     except SnapshotError as exc:
         parent.send(("error", str(exc)))
-        raise SystemExit(1) from None
-    code = worker.exit_code
+        code = 1
     del worker
     collect_before_exit()
     raise SystemExit(code)

@@ -235,6 +235,12 @@ def test_unknown_sketch_layouts_are_not_read() -> None:
     req = req_floats_sketch(48, True)
     req.update(lognormal(1_000, 3).astype(np.float32))
     assert _kll_items(bytes(req.serialize())) is None
+    kll = kll_doubles_sketch(200)
+    kll.update(lognormal(1_000, 4))
+    blob = bytes(kll.serialize())
+    assert _kll_items(blob) is not None
+    assert _kll_items(blob[:1] + b"\x09" + blob[2:]) is None  # a serial version it does not know
+    assert _req_items(b"\x06" + bytes(req.serialize())[1:]) is None  # nor a preamble
     with pytest.raises((struct.error, ValueError)):
         _req_items(bytes(req.serialize())[:40])
 

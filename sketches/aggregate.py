@@ -317,9 +317,13 @@ class DayAggregate:
         """This day's values, unsorted, and their weights (None when exact: one each)."""
         if self._exact is not None:
             return self._exact, None
+        return _sketch_items(self._sketch(tail))
+
+    def _sketch(self, tail: bool) -> kll_doubles_sketch | req_floats_sketch:
+        """The sketch a sketched day answers a tail (or body) quantile from."""
         sketch = self._req if tail and self._req is not None else self._kll
         assert sketch is not None
-        return _sketch_items(sketch)
+        return sketch
 
     def _rank_error(self, tail: bool, rank: float) -> float:
         """Bound on this day's rank error (a share of its requests) near `rank`."""
@@ -334,9 +338,34 @@ class DayAggregate:
         return summarize([self], extra, date)
 
 
-class _Pool:
-    """The days' items for one family (tail or body), pooled for quantiles and error bounds,
-    when some day is sketched (summarize() reads days that are all exact itself).
+class _Quantiles:
+    """Quantiles of one family (tail or body) of some days, when some day is sketched
+    (summarize() reads days that are all exact itself), each with its relative error bound."""
+
+    tail: bool
+
+    def quantile(self, q: float) -> float:
+        raise NotImplementedError
+
+    def misplaced(self, value: float) -> float:
+        """Requests whose rank the sketched days may misplace near `value`."""
+        raise NotImplementedError
+
+    def quantile_with_error(self, q: float, total: int) -> tuple[float, float]:
+        """The nearest-rank q-quantile and its relative error bound: the spread of values
+        within the misplaced share of ranks either side of it."""
+        value = self.quantile(q)
+        misplaced = self.misplaced(value)
+        if misplaced == 0 or value <= 0:
+            return value, 0.0
+        spread = misplaced / total
+        low = self.quantile(max(0.0, q - spread))
+        high = self.quantile(min(1.0, q + spread))
+        return value, max(value - low, high - value) / value
+
+
+class _Pool(_Quantiles):
+    """The days' items pooled: exact values weigh 1, a sketch's items their weight.
 
     Only the pool is sorted: a sketched day's own rank near a quantile, for its error bound,
     is a sum over its unsorted items.
@@ -350,59 +379,40 @@ class _Pool:
             for day, (values, weights) in zip(days, parts, strict=True)
             if weights is not None
         ]
-        if len(parts) == 1 and parts[0][1] is None:
-            values = parts[0][0]
-            values.sort()  # in place: a day's order is irrelevant, and sorted stays cheap
-            self.pooled = _Items(values, None)
-        else:  # exact values first, so one array of ones weighs them all
-            exact = [values for values, weights in parts if weights is None]
-            self.pooled = _Items(
-                np.concatenate(exact + [values for _, values, _, _ in self.sketched]),
-                np.concatenate(
-                    [np.ones(sum(map(len, exact)))] + [w for _, _, w, _ in self.sketched]
-                ),
-            )
+        # Exact values first, so one array of ones weighs them all.
+        exact = [values for values, weights in parts if weights is None]
+        self.pooled = _Items(
+            np.concatenate(exact + [values for _, values, _, _ in self.sketched]),
+            np.concatenate([np.ones(sum(map(len, exact)))] + [w for _, _, w, _ in self.sketched]),
+        )
 
-    def quantile_with_error(self, q: float, total: int) -> tuple[float, float]:
-        """The nearest-rank q-quantile and its relative error bound."""
-        value = self.pooled.quantile(q)
+    def quantile(self, q: float) -> float:
+        return self.pooled.quantile(q)
+
+    def misplaced(self, value: float) -> float:
         # Each sketched day may misplace ranks by up to its bound; add them up in requests.
         # (Weights are whole numbers, so these sums are exact in any order.)
-        misplaced = sum(
+        return sum(
             day.total * day._rank_error(self.tail, float(weights[values <= value].sum()) / weight)
             for day, values, weights, weight in self.sketched
         )
-        if misplaced == 0 or value <= 0:
-            return value, 0.0
-        spread = misplaced / total
-        low = self.pooled.quantile(max(0.0, q - spread))
-        high = self.pooled.quantile(min(1.0, q + spread))
-        return value, max(value - low, high - value) / value
 
 
-class _OneSketch:
-    """One sketched day's quantiles and error bounds, read from its sketch itself: the same
-    nearest rank over the same items as _Pool's (DataSketches' inclusive get_quantile and
-    get_rank), without copying the items out and sorting them in numpy."""
+class _OneSketch(_Quantiles):
+    """One sketched day, read from its sketch itself: the same nearest rank over the same
+    items as _Pool's (DataSketches' inclusive get_quantile and get_rank), without copying
+    the items out and sorting them in numpy."""
 
     def __init__(self, day: DayAggregate, tail: bool) -> None:
         self.day = day
         self.tail = tail
-        sketch = day._req if tail and day._req is not None else day._kll
-        assert sketch is not None
-        self.sketch = sketch
+        self.sketch = day._sketch(tail)
 
-    def quantile_with_error(self, q: float, total: int) -> tuple[float, float]:
-        """As _Pool.quantile_with_error, for this day alone."""
-        sketch, day = self.sketch, self.day
-        value = sketch.get_quantile(q, True)
-        misplaced = day.total * day._rank_error(self.tail, sketch.get_rank(value, True))
-        if misplaced == 0 or value <= 0:
-            return value, 0.0
-        spread = misplaced / total
-        low = sketch.get_quantile(max(0.0, q - spread), True)
-        high = sketch.get_quantile(min(1.0, q + spread), True)
-        return value, max(value - low, high - value) / value
+    def quantile(self, q: float) -> float:
+        return self.sketch.get_quantile(q, True)
+
+    def misplaced(self, value: float) -> float:
+        return self.day.total * self.day._rank_error(self.tail, self.sketch.get_rank(value, True))
 
 
 def summarize(
@@ -448,7 +458,7 @@ def summarize(
         days = [d for d in days if d.total]
         found = []  # milliseconds, for 0.5, 0.99 and then each extra quantile
         errors = {}
-        pools: dict[bool, _Pool | _OneSketch] = {}
+        pools: dict[bool, _Quantiles] = {}
         for q in quantiles:
             tail = q >= TAIL_FROM
             pool = pools.get(tail)

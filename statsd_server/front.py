@@ -33,9 +33,9 @@ from statsd_server.line_rules import customer_id_problem
 from statsd_server.memory import freeze_startup_objects
 from statsd_server.messages import Codec, Ping, StatsQuery, StatsReply
 from statsd_server.newest_day import NewestDay
+from statsd_server.responses import answer_response, error_body, not_found
 from statsd_server.responses import error_response as _error
 from statsd_server.responses import json_response as _json
-from statsd_server.responses import not_found
 from statsd_server.routing import Router
 from statsd_server.rpc import ShardClient, socket_path
 from statsd_server.store import date_to_day
@@ -103,7 +103,7 @@ def _parse_quantiles(raw: str | None) -> list[float]:
     return quantiles
 
 
-async def stats(request: web.Request) -> web.Response:
+async def stats(request: web.Request) -> web.StreamResponse:
     """GET /customers/{customer_id}/stats?from=YYYY-MM-DD[&to=YYYY-MM-DD]
 
     Reached only when the front's cache has no current answer (see _hits_before_routing).
@@ -125,9 +125,8 @@ def _hits_before_routing(app: web.Application, route: _Handler) -> _Handler:
 
     Routing, match info and the application's handler chain cost a cache hit about as much
     again as the lookup itself. Only the stats handler puts answers in the cache, so a target
-    found there routes to it; requests that skip routing also skip on_response_prepare
-    signals, which this application does not use. (aiohttp leaves out a HEAD's body either
-    way.)
+    found there routes to it. Its answer is the one the stats handler gives (see
+    answer_response).
     """
     cache = app[ANSWER_CACHE]
     latency = app[QUERY_LATENCY]
@@ -139,13 +138,13 @@ def _hits_before_routing(app: web.Application, route: _Handler) -> _Handler:
             if cached is not None:
                 status, body = cached
                 latency.observe(status, time.perf_counter() - started, hit=True)
-                return web.Response(body=body, status=status, content_type="application/json")
+                return answer_response(request, status, body)
         return await route(request)
 
     return handle
 
 
-async def _ask_shard(request: web.Request, cache: AnswerCache, target: str) -> web.Response:
+async def _ask_shard(request: web.Request, cache: AnswerCache, target: str) -> web.StreamResponse:
     """The answer of a query the cache did not have (stored in it if it is 200 or 404)."""
     customer_id = request.match_info["customer_id"]
     problem = customer_id_problem(customer_id)
@@ -173,18 +172,16 @@ async def _ask_shard(request: web.Request, cache: AnswerCache, target: str) -> w
     except ShardUnavailable as exc:
         return _error(503, str(exc))
     assert isinstance(reply, StatsReply), reply
-    if not reply.known:
-        response = _error(
-            404, f"unknown customer {customer_id!r} (never seen, or its data expired)"
-        )
+    if reply.known:
+        status, body = 200, reply.body
     else:
-        response = web.Response(body=reply.body, content_type="application/json")
-    assert isinstance(response.body, bytes)
-    cache.put(target, stamp, response.status, response.body)
+        status = 404
+        body = error_body(f"unknown customer {customer_id!r} (never seen, or its data expired)")
+    cache.put(target, stamp, status, body)
     sharing = app.get(ANSWER_SHARING)
     if sharing is not None:
-        sharing.offer(target, stamp, response.status, response.body)
-    return response
+        sharing.offer(target, stamp, status, body)
+    return answer_response(request, status, body)
 
 
 async def ingest(request: web.Request) -> web.Response:

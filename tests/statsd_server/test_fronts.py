@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import email.utils
 import http.client
 import json
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -158,6 +160,99 @@ def test_cached_answers_skip_routing_and_only_for_get_and_head(server_factory: A
     status, content_type, body = raw(server, "POST", path)
     assert status == 405 and (content_type or "").startswith("application/json")
     assert "method not allowed" in json.loads(body)["error"].lower(), body
+
+
+Exchange = tuple[list[tuple[bytes, bytes]], bytes, bool]
+
+
+def read_responses(sock: socket.socket, methods: list[str]) -> Exchange:
+    """(head, body) of one response per request method, in order, read by Content-Length;
+    then whatever else the server sends until it closes or goes quiet for 0.5 s, and
+    whether it closed."""
+    data = b""
+    out = []
+    for method in methods:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, (method, data)
+            data += chunk
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = int(re.search(rb"\r\nContent-Length: (\d+)", head)[1])  # type: ignore[index]
+        size = 0 if method == "HEAD" else length
+        while len(data) < size:
+            chunk = sock.recv(65536)
+            assert chunk, (method, head)
+            data += chunk
+        out.append((head, data[:size]))
+        data = data[size:]
+    sock.settimeout(0.5)
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        return out, data, False
+    return out, data, True
+
+
+def ask(server: Server, requests: list[tuple[str, str, str]]) -> Exchange:
+    """Send (method, path, extra header lines) requests pipelined on one connection."""
+    raw = b"".join(
+        f"{method} {path} HTTP/{'1.0' if 'HTTP/1.0' in extra else '1.1'}\r\n"
+        f"Host: x\r\n{extra.replace('HTTP/1.0', '')}\r\n".encode()
+        for method, path, extra in requests
+    )
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=60) as sock:
+        sock.sendall(raw)
+        return read_responses(sock, [method for method, _, _ in requests])
+
+
+def headers(head: bytes) -> tuple[str, dict[str, str]]:
+    status, *lines = head.decode().split("\r\n")
+    return status, dict(line.split(": ", 1) for line in lines)
+
+
+def test_answers_written_in_one_piece_are_aiohttps_own_bytes(server_factory: Any) -> None:
+    """Stats answers to HTTP/1.1 keep-alive requests are written prebuilt, cached or not: the
+    same status line, headers and body as aiohttp writes for the answer when it builds the
+    response itself (as it does for `Connection: close`), less that Connection header;
+    pipelined requests get their answers in order, a HEAD its headers alone."""
+    server: Server = server_factory(shards=2, STATS_FRONTS="2")
+    server.send_tcp(lines_for("prebuilt", 6))
+    path = f"/customers/prebuilt/stats?from={DAY.isoformat()}"
+    unknown = f"/customers/nobody/stats?from={DAY.isoformat()}"
+    for target, status_line in ((path, "HTTP/1.1 200 OK"), (unknown, "HTTP/1.1 404 Not Found")):
+        # The first GET asks a shard (or the other front's shared answer); the rest hit.
+        answers, rest, closed = ask(
+            server, [("GET", target, ""), ("GET", target, ""), ("HEAD", target, "")] * 2
+        )
+        assert (rest, closed) == (b"", False)  # nothing more written, the connection open
+        [(reference_head, reference_body)], rest, closed = ask(
+            server, [("GET", target, "Connection: close\r\n")]
+        )
+        assert (rest, closed) == (b"", True)
+        reference_status, reference = headers(reference_head)
+        assert reference_status == status_line
+        assert reference.pop("Connection") == "close"
+        for (head, body), method in zip(answers, ["GET", "GET", "HEAD"] * 2, strict=True):
+            status, got = headers(head)
+            assert (status, list(got)) == (status_line, list(reference))
+            assert (
+                abs(email.utils.parsedate_to_datetime(got.pop("Date")).timestamp() - time.time())
+                < 5
+            )
+            assert got == {k: v for k, v in reference.items() if k != "Date"}
+            assert body == (b"" if method == "HEAD" else reference_body)
+        assert int(reference["Content-Length"]) == len(reference_body)
+        document = json.loads(reference_body)
+        if target == path:
+            assert document["summary"]["total_requests"] == 6
+        else:
+            assert "unknown customer 'nobody'" in document["error"]
+    # HTTP/1.0 is answered by aiohttp, and the connection closes after it.
+    [(head, body)], rest, closed = ask(server, [("GET", path, "HTTP/1.0")])
+    assert head.startswith(b"HTTP/1.0 200 OK\r\n") and b"Connection" not in head
+    assert json.loads(body)["summary"]["total_requests"] == 6
+    assert (rest, closed) == (b"", True)
 
 
 @pytest.mark.slow

@@ -47,6 +47,11 @@ QUERY_TIMEOUT = 10.0
 PING_TIMEOUT = 2.0
 # How long POSTs in flight may take to finish when the server stops.
 DRAIN_GRACE = 10.0
+# Then how long the other requests in flight may take (a query waits on a shard that is
+# still up; an answer waits for a client to read it). aiohttp waits this twice (before and
+# after cancelling), and its default, 60 s, is past the grace a container gets
+# (docker-compose.yml) before all its processes are killed, unsnapshotted.
+CLOSE_GRACE = 2.0
 INGEST_CONTENT_TYPES = ("text/plain", "application/x-ndjson", "application/octet-stream")
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
@@ -396,7 +401,7 @@ async def _serve(
     settings: Settings, http_sock: socket.socket, runtime_dir: Path, index: int, parent: Connection
 ) -> None:
     app = create_app(settings, runtime_dir, index)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=CLOSE_GRACE)
     await runner.setup()
     assert runner.server is not None
     runner.server.request_handler = _hits_before_routing(app, runner.server.request_handler)

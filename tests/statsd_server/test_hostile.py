@@ -38,6 +38,7 @@ from statsd_server.framing import LineFramer
 from statsd_server.line_rules import Request, parse_line
 from statsd_server.parse import apply_time_rules, parse_chunk
 from tests.conftest import Server
+from tests.statsd_server.test_durability import DAY, lines_for
 
 TODAY = dt.datetime.now(dt.UTC).date()
 GOOD_DAYS = [TODAY - dt.timedelta(days=i) for i in (1, 2, 3)]
@@ -615,6 +616,36 @@ def test_connection_bursts_queue_up_to_the_listen_backlog(server_factory: Any) -
             sock.close()
     assert_up_and_exact(server, "after_burst", n=100)
     assert (tcp_done, http_done) == (burst, burst)
+
+
+def test_a_client_that_never_reads_its_answers_does_not_hold_up_a_stop(
+    server_factory: Any,
+) -> None:
+    """A client pipelining queries without reading the answers leaves a front waiting to
+    write. SIGTERM still stops the server in seconds (aiohttp's own default is to wait 60 s,
+    twice), with its final snapshot: the restarted server, without a log, has every line."""
+    server: Server = server_factory(shards=2, STATS_FRONTS="2", STATS_WAL="false")
+    assert server.send_tcp(lines_for("unread", 50))["accepted"] == 50
+    path = f"/customers/unread/stats?from={DAY.isoformat()}"
+    status, answer = server.get(path)
+    assert status == 200 and answer["summary"]["total_requests"] == 50
+    request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * 1000
+    with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
+        sock.setblocking(False)
+        deadline = time.monotonic() + 60
+        blocked_since = None
+        # Until the server has stopped reading for a second: every buffer is full.
+        while blocked_since is None or time.monotonic() - blocked_since < 1:
+            assert time.monotonic() < deadline, "the server kept reading"
+            try:
+                sock.send(request)
+                blocked_since = None
+            except BlockingIOError:
+                blocked_since = blocked_since or time.monotonic()
+                time.sleep(0.05)
+        assert server.stop(timeout=20) == 0
+    restarted: Server = server_factory(shards=2, STATS_WAL="false")
+    assert restarted.get(path) == (200, answer)
 
 
 # -- absurd HTTP --------------------------------------------------------------------------------

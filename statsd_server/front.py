@@ -48,9 +48,10 @@ PING_TIMEOUT = 2.0
 # How long POSTs in flight may take to finish when the server stops.
 DRAIN_GRACE = 10.0
 # Then how long the other requests in flight may take (a query waits on a shard that is
-# still up; an answer waits for a client to read it). aiohttp waits this twice (before and
-# after cancelling), and its default, 60 s, is past the grace a container gets
-# (docker-compose.yml) before all its processes are killed, unsnapshotted.
+# still up; an answer waits for a client to read it). aiohttp waits this up to twice per
+# connection (for the handler, then for its task after cancelling the request), and its
+# default, 60 s, is past the grace a container gets (docker-compose.yml) before all its
+# processes are killed, unsnapshotted.
 CLOSE_GRACE = 2.0
 INGEST_CONTENT_TYPES = ("text/plain", "application/x-ndjson", "application/octet-stream")
 _DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -130,8 +131,9 @@ def _hits_before_routing(app: web.Application, route: _Handler) -> _Handler:
 
     Routing, match info and the application's handler chain cost a cache hit about as much
     again as the lookup itself. Only the stats handler puts answers in the cache, so a target
-    found there routes to it. Its answer is the one the stats handler gives (see
-    answer_response).
+    found there routes to it, and its answer is written as the stats handler writes it
+    (answer_response). What routing would add is skipped: aiohttp's handling of an `Expect`
+    header (a hit sends no `100 Continue` and answers an unknown expectation instead of 417).
     """
     cache = app[ANSWER_CACHE]
     latency = app[QUERY_LATENCY]
@@ -423,10 +425,12 @@ async def _serve(
     parent.send(("ready", None))
     await stop.wait()
     # Stop listening, let POSTs in flight finish (their shards are still up), then close.
+    # Open keep-alive connections may still start POSTs meanwhile: those are waited for too.
     await site.stop()
     ingests = app[INGESTS]
+    deadline = loop.time() + DRAIN_GRACE
+    while ingests and loop.time() < deadline:
+        await asyncio.wait(set(ingests), timeout=deadline - loop.time())
     if ingests:
-        _, pending = await asyncio.wait(set(ingests), timeout=DRAIN_GRACE)
-        if pending:
-            log.warning("%d POST /ingest still open after %ss; closing", len(pending), DRAIN_GRACE)
+        log.warning("%d POST /ingest still open after %ss; closing", len(ingests), DRAIN_GRACE)
     await runner.cleanup()

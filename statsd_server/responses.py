@@ -14,9 +14,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 
 def json_response(data: object, status: int = 200) -> web.Response:
-    return web.Response(
-        body=msgspec.json.encode(data), status=status, content_type="application/json"
-    )
+    return _json_body(msgspec.json.encode(data), status)
 
 
 def error_body(message: str, **extra: object) -> bytes:
@@ -24,9 +22,11 @@ def error_body(message: str, **extra: object) -> bytes:
 
 
 def error_response(status: int, message: str, **extra: object) -> web.Response:
-    return web.Response(
-        body=error_body(message, **extra), status=status, content_type="application/json"
-    )
+    return _json_body(error_body(message, **extra), status)
+
+
+def _json_body(body: bytes, status: int) -> web.Response:
+    return web.Response(body=body, status=status, content_type="application/json")
 
 
 def not_found(request: web.Request) -> web.Response:
@@ -36,7 +36,7 @@ def not_found(request: web.Request) -> web.Response:
 
 def answer_response(request: web.BaseRequest, status: int, body: bytes) -> web.StreamResponse:
     """A stats answer (a JSON body): prebuilt for HTTP/1.1 keep-alive requests, the rest
-    (HTTP/1.0, `Connection: close`) through aiohttp, which adds their Connection headers.
+    (HTTP/1.0, `Connection: close`) through aiohttp, which decides their Connection headers.
 
     Prebuilt answers skip aiohttp's on_response_prepare signals, which this application
     does not use.
@@ -45,7 +45,7 @@ def answer_response(request: web.BaseRequest, status: int, body: bytes) -> web.S
         # Duck-typed: aiohttp's request handler only calls prepare() and write_eof() and
         # reads keep_alive (status is for our own metrics).
         return cast(web.StreamResponse, _Prebuilt(status, body, request.method != "HEAD"))
-    return web.Response(body=body, status=status, content_type="application/json")
+    return _json_body(body, status)
 
 
 class _Prebuilt:

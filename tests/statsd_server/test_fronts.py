@@ -208,7 +208,15 @@ def ask(server: Server, requests: list[tuple[str, str, str]]) -> Exchange:
 
 def headers(head: bytes) -> tuple[str, dict[str, str]]:
     status, *lines = head.decode().split("\r\n")
-    return status, dict(line.split(": ", 1) for line in lines)
+    fields = dict(line.split(": ", 1) for line in lines)
+    assert len(fields) == len(lines), head  # no header twice
+    return status, fields
+
+
+HTTP_DATE = re.compile(
+    r"(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d\d (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+    r" \d{4} \d\d:\d\d:\d\d GMT"
+)
 
 
 def test_answers_written_in_one_piece_are_aiohttps_own_bytes(server_factory: Any) -> None:
@@ -219,12 +227,17 @@ def test_answers_written_in_one_piece_are_aiohttps_own_bytes(server_factory: Any
     server: Server = server_factory(shards=2, STATS_FRONTS="2")
     server.send_tcp(lines_for("prebuilt", 6))
     path = f"/customers/prebuilt/stats?from={DAY.isoformat()}"
+    earlier = f"/customers/prebuilt/stats?from={(DAY - dt.timedelta(days=1)).isoformat()}"
     unknown = f"/customers/nobody/stats?from={DAY.isoformat()}"
-    for target, status_line in ((path, "HTTP/1.1 200 OK"), (unknown, "HTTP/1.1 404 Not Found")):
-        # The first GET asks a shard (or the other front's shared answer); the rest hit.
-        answers, rest, closed = ask(
-            server, [("GET", target, ""), ("GET", target, ""), ("HEAD", target, "")] * 2
-        )
+    for target, status_line, first in (
+        (path, "HTTP/1.1 200 OK", "GET"),
+        (earlier, "HTTP/1.1 200 OK", "HEAD"),
+        (unknown, "HTTP/1.1 404 Not Found", "GET"),
+    ):
+        # The first request asks a shard (or takes the other front's shared answer); the
+        # rest are answered from the cache.
+        methods = [first, "GET", "HEAD", "GET", "GET", "HEAD"]
+        answers, rest, closed = ask(server, [(method, target, "") for method in methods])
         assert (rest, closed) == (b"", False)  # nothing more written, the connection open
         [(reference_head, reference_body)], rest, closed = ask(
             server, [("GET", target, "Connection: close\r\n")]
@@ -233,26 +246,30 @@ def test_answers_written_in_one_piece_are_aiohttps_own_bytes(server_factory: Any
         reference_status, reference = headers(reference_head)
         assert reference_status == status_line
         assert reference.pop("Connection") == "close"
-        for (head, body), method in zip(answers, ["GET", "GET", "HEAD"] * 2, strict=True):
+        for (head, body), method in zip(answers, methods, strict=True):
             status, got = headers(head)
             assert (status, list(got)) == (status_line, list(reference))
-            assert (
-                abs(email.utils.parsedate_to_datetime(got.pop("Date")).timestamp() - time.time())
-                < 5
-            )
+            date = got.pop("Date")
+            assert HTTP_DATE.fullmatch(date), date
+            assert abs(email.utils.parsedate_to_datetime(date).timestamp() - time.time()) < 5
             assert got == {k: v for k, v in reference.items() if k != "Date"}
             assert body == (b"" if method == "HEAD" else reference_body)
         assert int(reference["Content-Length"]) == len(reference_body)
         document = json.loads(reference_body)
-        if target == path:
-            assert document["summary"]["total_requests"] == 6
-        else:
+        if target == unknown:
             assert "unknown customer 'nobody'" in document["error"]
-    # HTTP/1.0 is answered by aiohttp, and the connection closes after it.
+        else:
+            assert document["summary"]["total_requests"] == 6
+    # HTTP/1.0 is answered by aiohttp: the connection closes after it, unless kept alive.
     [(head, body)], rest, closed = ask(server, [("GET", path, "HTTP/1.0")])
     assert head.startswith(b"HTTP/1.0 200 OK\r\n") and b"Connection" not in head
     assert json.loads(body)["summary"]["total_requests"] == 6
     assert (rest, closed) == (b"", True)
+    answers, rest, closed = ask(server, [("GET", path, "HTTP/1.0Connection: keep-alive\r\n")] * 2)
+    assert (rest, closed) == (b"", False)
+    for head, body in answers:
+        assert head.startswith(b"HTTP/1.0 200 OK\r\n") and b"\r\nConnection: keep-alive" in head
+        assert json.loads(body)["summary"]["total_requests"] == 6
 
 
 @pytest.mark.slow

@@ -629,16 +629,17 @@ def test_a_client_that_never_reads_its_answers_does_not_hold_up_a_stop(
     path = f"/customers/unread/stats?from={DAY.isoformat()}"
     status, answer = server.get(path)
     assert status == 200 and answer["summary"]["total_requests"] == 50
-    request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * 1000
+    requests = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode() * 1000
     with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
         sock.setblocking(False)
         deadline = time.monotonic() + 60
         blocked_since = None
+        unsent = memoryview(requests)
         # Until the server has stopped reading for a second: every buffer is full.
         while blocked_since is None or time.monotonic() - blocked_since < 1:
             assert time.monotonic() < deadline, "the server kept reading"
             try:
-                sock.send(request)
+                unsent = unsent[sock.send(unsent) :] or memoryview(requests)
                 blocked_since = None
             except BlockingIOError:
                 blocked_since = blocked_since or time.monotonic()

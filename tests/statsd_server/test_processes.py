@@ -245,6 +245,67 @@ def test_post_in_flight_at_shutdown_completes(server_factory: Any) -> None:
     assert (got["summary"]["total_requests"], got["summary"]["server_errors"]) == (4, 3)
 
 
+def post_head(size: int) -> bytes:
+    return (
+        f"POST /ingest HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\n"
+        f"Content-Length: {size}\r\n\r\n"
+    ).encode()
+
+
+def read_reply(sock: socket.socket) -> tuple[str, dict[str, Any]]:
+    """Status line and JSON body of one HTTP response (by Content-Length)."""
+    reader = sock.makefile("rb")
+    status = reader.readline().decode().strip()
+    length = 0
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, json.loads(reader.read(length))
+
+
+@pytest.mark.slow
+def test_a_post_started_during_the_drain_on_an_open_connection_completes(
+    server_factory: Any,
+) -> None:
+    """After SIGTERM the front stops listening, but a keep-alive connection may still start a
+    POST while another is drained: it is waited for as well (within the 10 s grace), even
+    when it ends after the one that was open at the signal."""
+    server: Server = server_factory(shards=2, STATS_FRONTS="1")
+    assert server.proc is not None
+    day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+    first = f"{day} 12:00:00 drained /a 200 0.5\n".encode() * 2
+    late = f"{day} 12:00:01 latecomer /a 500 1.5\n".encode() * 3
+    with (
+        socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as open_at_signal,
+        socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as kept_alive,
+    ):
+        kept_alive.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_reply(kept_alive)[0] == "HTTP/1.1 200 OK"
+        open_at_signal.sendall(post_head(len(first)) + first[:10])
+        time.sleep(0.5)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the front has stopped listening and drains the first POST
+        kept_alive.sendall(post_head(len(late)) + late[:10])
+        time.sleep(1.0)  # the late POST has begun
+        open_at_signal.sendall(first[10:])
+        assert read_reply(open_at_signal) == (
+            "HTTP/1.1 200 OK",
+            {"accepted": 2, "rejected": 0, "rejected_by_reason": {}},
+        )
+        time.sleep(0.5)
+        kept_alive.sendall(late[10:])
+        assert read_reply(kept_alive) == (
+            "HTTP/1.1 200 OK",
+            {"accepted": 3, "rejected": 0, "rejected_by_reason": {}},
+        )
+    assert server.proc.wait(60) == 0, server.log()
+    restarted: Server = server_factory(shards=2)
+    for customer, total in (("drained", 2), ("latecomer", 3)):
+        status, got = restarted.get(f"/customers/{customer}/stats?from={day}")
+        assert status == 200 and got["summary"]["total_requests"] == total, got
+
+
 @pytest.mark.slow
 def test_a_slow_steady_stream_is_visible_mid_stream_and_kept(server_factory: Any) -> None:
     """Lines trickling in without pause are applied within moments, and kept if the client drops."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,6 +20,31 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def read_http_responses(
+    sock: socket.socket, methods: list[str]
+) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """(head, body) of one response per request method, in order, read from a raw socket by
+    Content-Length (a HEAD's has no body), and the bytes received past them."""
+    data = b""
+    out = []
+    for method in methods:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, (method, data)
+            data += chunk
+        head, _, data = data.partition(b"\r\n\r\n")
+        length = re.search(rb"\r\nContent-Length: *(\d+)", head, re.IGNORECASE)
+        assert length is not None, head
+        size = 0 if method == "HEAD" else int(length[1])
+        while len(data) < size:
+            chunk = sock.recv(65536)
+            assert chunk, (method, head)
+            data += chunk
+        out.append((head, data[:size]))
+        data = data[size:]
+    return out, data
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from statsd_server.answer_cache import ENTRY_OVERHEAD, AnswerCache
 from statsd_server.changes import ChangeCounters
 from statsd_server.newest_day import NewestDay
 from statsd_server.routing import Router
-from tests.conftest import Server
+from tests.conftest import Server, read_http_responses
 from tests.statsd_server.test_durability import DAY, lines_for
 from tests.statsd_server.test_observability import scrape, total
 from tests.statsd_server.test_processes import kill_shard_and_wait_for_restart, owned_customers
@@ -166,25 +166,9 @@ Exchange = tuple[list[tuple[bytes, bytes]], bytes, bool]
 
 
 def read_responses(sock: socket.socket, methods: list[str]) -> Exchange:
-    """(head, body) of one response per request method, in order, read by Content-Length;
-    then whatever else the server sends until it closes or goes quiet for 0.5 s, and
-    whether it closed."""
-    data = b""
-    out = []
-    for method in methods:
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            assert chunk, (method, data)
-            data += chunk
-        head, _, data = data.partition(b"\r\n\r\n")
-        length = int(re.search(rb"\r\nContent-Length: (\d+)", head)[1])  # type: ignore[index]
-        size = 0 if method == "HEAD" else length
-        while len(data) < size:
-            chunk = sock.recv(65536)
-            assert chunk, (method, head)
-            data += chunk
-        out.append((head, data[:size]))
-        data = data[size:]
+    """(head, body) of one response per request method (read_http_responses), then whatever
+    else the server sends until it closes or goes quiet for 0.5 s, and whether it closed."""
+    out, data = read_http_responses(sock, methods)
     sock.settimeout(0.5)
     try:
         while chunk := sock.recv(65536):

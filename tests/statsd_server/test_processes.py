@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from statsd_server.routing import shard_for
-from tests.conftest import Server, free_port
+from tests.conftest import Server, free_port, read_http_responses
 
 
 def serve(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -253,15 +253,10 @@ def post_head(size: int) -> bytes:
 
 
 def read_reply(sock: socket.socket) -> tuple[str, dict[str, Any]]:
-    """Status line and JSON body of one HTTP response (by Content-Length)."""
-    reader = sock.makefile("rb")
-    status = reader.readline().decode().strip()
-    length = 0
-    while (line := reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode().partition(":")
-        if name.lower() == "content-length":
-            length = int(value)
-    return status, json.loads(reader.read(length))
+    """Status line and JSON body of one HTTP response, and nothing after it."""
+    [(head, body)], rest = read_http_responses(sock, ["POST"])
+    assert rest == b"", rest
+    return head.split(b"\r\n", 1)[0].decode(), json.loads(body)
 
 
 @pytest.mark.slow
